@@ -1,0 +1,36 @@
+# `make demo` and `make test` each set up what they need first (a .venv inside the repo).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+DEMO_DIR ?= outputs/demo
+
+.PHONY: install test demo lint bench clean
+
+install: $(STAMP)
+
+# The torch pair is pinned: torchvision must match torch's build exactly.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check agree tests scripts
+	$(VENV)/bin/ruff format --check agree tests scripts
+
+demo: install
+	$(PY) -m agree.demo $(DEMO_DIR)
+
+bench: install
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf outputs multirun data/scenes-*

@@ -1,0 +1,51 @@
+"""Shared glue between Hydra configs and the library: paths, data layout, precision."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from agree.data.formats import ReleaseLayout
+from agree.data.synthetic import SceneConfig, ensure_generated
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A user path, relative to the launch directory (Hydra does not change it; we never chdir)."""
+    return Path(path).expanduser().resolve()
+
+
+def data_layout(data: DictConfig) -> ReleaseLayout:
+    """The release layout named by the ``data`` config group."""
+    return ReleaseLayout(resolve_path(data.root), resolve_path(data.vg_root), int(data.image_size))
+
+
+def scene_config(data: DictConfig) -> SceneConfig | None:
+    """The synthetic dataset's parameters, or None for real data."""
+    return SceneConfig(**OmegaConf.to_container(data.synthetic)) if data.get("synthetic") else None
+
+
+def ensure_data(data: DictConfig) -> ReleaseLayout:
+    """The layout, generating the embedded dataset first when the config asks for it."""
+    layout = data_layout(data)
+    scenes = scene_config(data)
+    if scenes is not None:
+        ensure_generated(layout.root, scenes)
+    return layout
+
+
+def resolve_precision(precision: str | None) -> str:
+    """Mixed precision when a GPU is present (bf16 where supported), full precision on CPU."""
+    if precision:
+        return str(precision)
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def resolve_device(device: str) -> torch.device:
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)

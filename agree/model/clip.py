@@ -1,0 +1,108 @@
+"""open_clip model loading, tokenizer, and encoders.
+
+``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...), a local open_clip
+weights file, or a checkpoint written by ``agree.train`` (``.ckpt``). Checkpoints store the model
+name, and loading one under another name fails instead of silently changing the network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+open_clip.add_model_config(Path(__file__).parent / "configs")  # the tiny CPU config ("agree-tiny")
+
+CHECKPOINT_KEY = "agree_model_name"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be built or its weights loaded; the message says what to do."""
+
+
+def create_clip(name: str, pretrained: str | None = None) -> torch.nn.Module:
+    """Build the open_clip model ``name`` with ``pretrained`` weights (or random init if None)."""
+    if name not in open_clip.list_models():
+        raise ModelLoadError(f"model.name={name!r} is not an open_clip architecture; see open_clip.list_models()")
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
+    if tag_cfg.get("quick_gelu") and not open_clip.get_model_config(name).get("quick_gelu"):
+        # open_clip only warns, and accuracy drops silently (and a reloaded checkpoint would differ)
+        raise ModelLoadError(
+            f"{pretrained!r} weights were trained with QuickGELU: use model.name={name}-quickgelu, not {name}"
+        )
+    if pretrained and Path(pretrained).suffix == ".ckpt":
+        model = open_clip.create_model(name, pretrained=None, output_dict=True)
+        load_training_checkpoint(model, name, pretrained)
+        return model
+    if pretrained and not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        raise ModelLoadError(
+            f"model.pretrained={pretrained!r} is neither a file nor a pretrained tag of {name} "
+            f"(tags: {open_clip.list_pretrained_tags_by_model(name)})"
+        )
+    try:
+        return open_clip.create_model(name, pretrained=pretrained or None, output_dict=True)
+    except RuntimeError as e:
+        hint = " (no network? put the weights file on disk and pass its path)" if pretrained else ""
+        raise ModelLoadError(f"could not load {name} with pretrained={pretrained!r}: {e}{hint}") from e
+
+
+def load_training_checkpoint(model: torch.nn.Module, name: str, path: str | Path) -> None:
+    """Load the model weights of an ``agree.train`` checkpoint, refusing another architecture."""
+    if not Path(path).is_file():
+        raise ModelLoadError(f"checkpoint {path} not found")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    stored = checkpoint.get(CHECKPOINT_KEY)
+    if stored != name:
+        raise ModelLoadError(f"{path} holds a {stored!r} model, but model.name={name!r}; set model.name={stored}")
+    prefix = "model."
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+
+
+def get_tokenizer(name: str):
+    """The open_clip tokenizer of model ``name`` (returns [N, context_length] token ids)."""
+    return open_clip.get_tokenizer(name)
+
+
+def supports_short_text(model: torch.nn.Module) -> bool:
+    """True when the text tower can run on sequences cut to their real length.
+
+    That holds for open_clip's built-in text transformer with a causal mask and EOT pooling:
+    tokens after the EOT token cannot influence it.
+    """
+    return (
+        isinstance(model, open_clip.CLIP)
+        and model.attn_mask is not None
+        and model.text_pool_type in ("argmax", "eos")
+    )
+
+
+def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """L2-normalised text features, encoding only up to the longest sequence in the batch.
+
+    open_clip's ``CLIP.encode_text`` always runs all 77 positions; captions are ~15 tokens, so we
+    repeat its few lines with the positional embedding and causal mask cut to the real length.
+    """
+    if not supports_short_text(model):
+        return model.encode_text(tokens, normalize=True)
+    if model.text_pool_type == "argmax":
+        length = int(tokens.argmax(dim=-1).max()) + 1
+    else:
+        length = int((tokens == model.text_eos_id).int().argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = open_clip.transformer.text_global_pool(
+        x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
+    )
+    x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return F.normalize(x, dim=-1)
+
+
+def encode_image(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image features."""
+    return model.encode_image(images, normalize=True)

@@ -1,0 +1,49 @@
+"""Batched feature extraction and the binary feature store (``NAME.npy`` + ``NAME.ids.json``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from agree.io import write_json, write_npy
+
+
+@torch.no_grad()
+def extract(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[torch.Tensor],
+    device: torch.device,
+    desc: str,
+    total: int | None = None,
+) -> torch.Tensor:
+    """Encode every batch on ``device``; return the features as one float32 CPU tensor."""
+    out = [
+        encode(batch.to(device, non_blocking=True)).float().cpu()
+        for batch in tqdm(batches, desc=desc, total=total, disable=None, leave=False)
+    ]
+    return torch.cat(out)
+
+
+def save_features(directory: str | os.PathLike, name: str, ids: list[str], features: torch.Tensor | np.ndarray) -> None:
+    """Write ``NAME.npy`` (float32 [N, ...]) and ``NAME.ids.json`` (N ids) atomically."""
+    features = np.asarray(features, dtype=np.float32)
+    if len(ids) != len(features):
+        raise ValueError(f"{name}: {len(ids)} ids for {len(features)} feature rows")
+    write_npy(Path(directory) / f"{name}.npy", features)
+    write_json(Path(directory) / f"{name}.ids.json", list(ids), indent=None)
+
+
+def load_features(directory: str | os.PathLike, name: str) -> tuple[list[str], np.ndarray]:
+    """The ids and the memory-mapped features of a store entry."""
+    directory = Path(directory)
+    ids = json.loads((directory / f"{name}.ids.json").read_text())
+    features = np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+    if len(ids) != len(features):
+        raise ValueError(f"{directory / name}: {len(ids)} ids for {len(features)} feature rows")
+    return ids, features

@@ -1,0 +1,90 @@
+"""Fine-tune a CLIP dual encoder with the AGREE losses.
+
+    python -m agree.train +experiment=demo [key=value ...]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from agree.config import data_layout, resolve_precision, scene_config
+from agree.data.datamodule import AgreeDataModule
+from agree.io import write_json
+from agree.model.clip import get_tokenizer
+from agree.model.module import AgreeModule
+
+
+def build_logger(cfg: DictConfig):
+    """The configured Lightning logger; W&B runs offline when no API key is configured."""
+    if cfg.get("logger") is None:
+        return False
+    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    if logger_cfg["_target_"].endswith("WandbLogger"):
+        import wandb
+
+        if logger_cfg.get("offline") is None:
+            logger_cfg["offline"] = not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key)
+        logger = hydra.utils.instantiate(logger_cfg)
+        logger.experiment.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
+        return logger
+    return hydra.utils.instantiate(logger_cfg)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
+    """Train as ``cfg`` says; return the final validation metrics and the objects used."""
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.output_dir)
+    module = AgreeModule(
+        model_name=cfg.model.name,
+        pretrained=cfg.model.pretrained,
+        loss_weights=dict(cfg.losses),
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        warmup_steps=cfg.optim.warmup_steps,
+    )
+    datamodule = AgreeDataModule(
+        data_layout(cfg.data),
+        get_tokenizer(cfg.model.name),
+        batch_size=cfg.data.batch_size,
+        val_batch_size=cfg.data.val_batch_size,
+        num_workers=cfg.data.num_workers,
+        synthetic=scene_config(cfg.data),
+    )
+    checkpoints = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+    )
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision"))
+    trainer = L.Trainer(**trainer_cfg, logger=build_logger(cfg), callbacks=[checkpoints], default_root_dir=out)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if trainer.is_global_zero:
+        write_json(out / "metrics.json", metrics)
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics, _ = train(cfg)
+    finally:
+        if cfg.get("logger") and str(cfg.logger.get("_target_", "")).endswith("WandbLogger"):
+            import wandb
+
+            wandb.finish()  # a multirun's next job must not reuse this run
+    return metrics.get(cfg.optimized_metric)
+
+
+if __name__ == "__main__":
+    main()

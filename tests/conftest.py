@@ -1,0 +1,20 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from agree.data.synthetic import SceneConfig, generate  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SMALL_SCENES = SceneConfig(seed=3, train_images=60, val_images=12, test_images=20, vg_images_per_word=2)
+
+
+@pytest.fixture(scope="session")
+def scenes(tmp_path_factory):
+    """A small generated release (64 px), shared by the tests that only read it."""
+    return generate(tmp_path_factory.mktemp("scenes"), SMALL_SCENES)
