@@ -26,7 +26,9 @@ def data_layout(data: DictConfig) -> ReleaseLayout:
 
 def scene_config(data: DictConfig) -> SceneConfig | None:
     """The synthetic dataset's parameters, or None for real data."""
-    return SceneConfig(**OmegaConf.to_container(data.synthetic)) if data.get("synthetic") else None
+    return (
+        SceneConfig(**OmegaConf.to_container(data.synthetic, resolve=True)) if data.get("synthetic") else None
+    )
 
 
 def ensure_data(data: DictConfig) -> ReleaseLayout:
@@ -48,4 +50,6 @@ def resolve_precision(precision: str | None) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    return torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )

@@ -2,7 +2,8 @@
 
     python -m agree.demo [OUT_DIR] [key=value ...]     (what `make demo` runs)
 
-The extra ``key=value`` overrides apply to the training and both evaluations.
+Extra ``key=value`` overrides apply to the training; those of ``model``, ``data`` and ``seed``
+also to both evaluations.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ def run(out_dir: Path, overrides: list[str]) -> dict:
     """Run the three steps under ``out_dir``; return ``{"before": results, "after": results}``."""
     with initialize_config_module("agree.conf", version_base="1.3"):
         train_cfg = compose("train", ["+experiment=demo", f"output_dir={out_dir / 'train'}", *overrides])
-        before = evaluate(compose("evaluate", [f"output_dir={out_dir / 'before'}", *overrides]))
+        shared = [o for o in overrides if o.split(".")[0].split("=")[0] in ("model", "data", "seed")]
+        before = evaluate(compose("evaluate", [f"output_dir={out_dir / 'before'}", *shared]))
         train(train_cfg)
         ckpt = out_dir / "train" / "checkpoints" / "last.ckpt"
-        after = evaluate(compose("evaluate", [f"output_dir={out_dir / 'after'}", f"ckpt_path={ckpt}", *overrides]))
+        after = evaluate(
+            compose("evaluate", [f"output_dir={out_dir / 'after'}", f"ckpt_path={ckpt}", *shared])
+        )
     return {"before": before, "after": after}
 
 

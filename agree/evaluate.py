@@ -37,33 +37,52 @@ from agree.retrieval.search import topk_similarity
 DIRECTIONS = ("text_to_image", "image_to_text")
 
 
-def ground_truth(texts: list[TestText], images: list[TestImage], layout: ReleaseLayout) -> dict[str, torch.Tensor]:
+def _relevant_pairs(queries, query_index, item_index, files, noun) -> torch.Tensor:
+    """[n, 2] (query, item) index pairs; an item absent from the other file is a data error."""
+    pairs = []
+    for query_id, item_ids in queries:
+        for item_id in item_ids:
+            if item_id not in item_index:
+                raise DataFormatError(
+                    f"{files[0]}: {query_id} names {noun} {item_id}, absent from {files[1]}"
+                )
+            pairs.append((query_index[query_id], item_index[item_id]))
+    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+
+
+def ground_truth(
+    texts: list[TestText], images: list[TestImage], layout: ReleaseLayout
+) -> dict[str, torch.Tensor]:
     """Padded positives per direction, checking that both annotation files agree on every id."""
     image_index = {im.image_id: i for i, im in enumerate(images)}
     text_index = {t.query_id: i for i, t in enumerate(texts)}
-    pairs: dict[str, list[tuple[int, int]]] = {d: [] for d in DIRECTIONS}
-    for t in texts:
-        for image_id in t.image_ids:
-            if image_id not in image_index:
-                raise DataFormatError(f"{layout.test_texts}: query {t.query_id} names image {image_id}, absent from {layout.test_images}")
-            pairs["text_to_image"].append((text_index[t.query_id], image_index[image_id]))
-    for im in images:
-        for query_id in im.query_ids:
-            if query_id not in text_index:
-                raise DataFormatError(f"{layout.test_images}: image {im.image_id} names query {query_id}, absent from {layout.test_texts}")
-            pairs["image_to_text"].append((image_index[im.image_id], text_index[query_id]))
-    sizes = {"text_to_image": len(texts), "image_to_text": len(images)}
-    out = {}
-    for direction, found in pairs.items():
-        q, i = torch.tensor(found, dtype=torch.long).reshape(-1, 2).unbind(1)
-        out[direction] = positives_from_pairs(q, i, sizes[direction])
-    return out
+    files = (layout.test_texts, layout.test_images)
+    t2i = _relevant_pairs([(t.query_id, t.image_ids) for t in texts], text_index, image_index, files, "image")
+    i2t = _relevant_pairs(
+        [(i.image_id, i.query_ids) for i in images], image_index, text_index, files[::-1], "query"
+    )
+    return {
+        "text_to_image": positives_from_pairs(*t2i.unbind(1), len(texts)),
+        "image_to_text": positives_from_pairs(*i2t.unbind(1), len(images)),
+    }
 
 
-def encode_test_set(model, tokenizer, texts: list[TestText], images: NpzImages, image_ids: list[str], batch_size: int, device: torch.device):
+def encode_test_set(
+    model,
+    tokenizer,
+    texts: list[TestText],
+    images: NpzImages,
+    image_ids: list[str],
+    batch_size: int,
+    device: torch.device,
+):
     """(text features [T, D], image features [I, D]) on CPU."""
-    image_batches = torch.utils.data.DataLoader(ImageArrays(images, image_ids, "test image_id"), batch_size=batch_size)
-    image_features = extract(lambda x: encode_image(model, x), image_batches, device, "images", len(image_batches))
+    image_batches = torch.utils.data.DataLoader(
+        ImageArrays(images, image_ids, "test image_id"), batch_size=batch_size
+    )
+    image_features = extract(
+        lambda x: encode_image(model, x), image_batches, device, "images", len(image_batches)
+    )
     captions = [t.text for t in texts]
     text_batches = [tokenizer(captions[i : i + batch_size]) for i in range(0, len(captions), batch_size)]
     text_features = extract(lambda x: encode_text(model, x), text_batches, device, "texts")
@@ -99,13 +118,20 @@ def evaluate(cfg: DictConfig) -> dict:
 
     save_features(out / "features", "images", image_ids, image_features)
     save_features(out / "features", "texts", query_ids, text_features)
-    names = {"text_to_image": (query_ids, image_ids, "query_id"), "image_to_text": (image_ids, query_ids, "image_id")}
+    names = {
+        "text_to_image": (query_ids, image_ids, "query_id"),
+        "image_to_text": (image_ids, query_ids, "image_id"),
+    }
     for stage, stage_ranked in {"raw": ranked}.items():
         for direction in DIRECTIONS:
             queries, items, id_key = names[direction]
             lists = [[items[i] for i in row] for row in stage_ranked[direction].tolist()]
-            write_jsonl(out / "predictions" / f"{stage}_{direction}.jsonl", prediction_rows(id_key, queries, lists))
-            write_json(out / "evaluation" / f"{stage}_{direction}.json", evaluation_json(results[stage][direction]))
+            write_jsonl(
+                out / "predictions" / f"{stage}_{direction}.jsonl", prediction_rows(id_key, queries, lists)
+            )
+            write_json(
+                out / "evaluation" / f"{stage}_{direction}.json", evaluation_json(results[stage][direction])
+            )
     write_json(out / "results.json", results)
     return results
 

@@ -1,6 +1,6 @@
 """Fine-tune a CLIP dual encoder with the AGREE losses.
 
-    python -m agree.train +experiment=demo [key=value ...]
+python -m agree.train +experiment=demo [key=value ...]
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision"))
-    trainer = L.Trainer(**trainer_cfg, logger=build_logger(cfg), callbacks=[checkpoints], default_root_dir=out)
+    trainer = L.Trainer(
+        **trainer_cfg, logger=build_logger(cfg), callbacks=[checkpoints], default_root_dir=out
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if trainer.is_global_zero:

@@ -68,7 +68,10 @@ def test_missing_file_and_empty_file(tmp_path):
 
 def test_duplicate_query_ids(tmp_path):
     path = tmp_path / "texts.jsonl"
-    rows = [{"query_id": 1, "query_text": "a", "item_ids": [1]}, {"query_id": "1", "query_text": "b", "item_ids": [1]}]
+    rows = [
+        {"query_id": 1, "query_text": "a", "item_ids": [1]},
+        {"query_id": "1", "query_text": "b", "item_ids": [1]},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataFormatError) as excinfo:
         formats.read_test_texts(path)

@@ -23,7 +23,10 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path, scenes):
     again = synthetic.generate(tmp_path / "again", SMALL_SCENES)
     assert digest(again.root) == digest(scenes.root)
     other = synthetic.generate(tmp_path / "other", replace(SMALL_SCENES, seed=4))
-    assert digest(other.root)["annotation/flickr30k_train_pred.jsonl"] != digest(scenes.root)["annotation/flickr30k_train_pred.jsonl"]
+    assert (
+        digest(other.root)["annotation/flickr30k_train_pred.jsonl"]
+        != digest(scenes.root)["annotation/flickr30k_train_pred.jsonl"]
+    )
 
 
 def test_grounded_mask_blanks_exactly_the_entity_box():
@@ -44,13 +47,30 @@ def test_binding_groups_make_hard_negatives(scenes):
     texts = formats.read_test_texts(scenes.test_texts)
     images_by_words = {}
     for t in texts:
-        words = frozenset(w for w in t.text.replace(",", "").split() if w in synthetic.COLORS or w in synthetic.SHAPES)
+        words = frozenset(
+            w for w in t.text.replace(",", "").split() if w in synthetic.COLORS or w in synthetic.SHAPES
+        )
         images_by_words.setdefault(words, set()).add(t.image_ids[0])
     assert max(len(v) for v in images_by_words.values()) >= 2
 
 
 def test_cli_writes_dataset(tmp_path):
-    synthetic.main([str(tmp_path / "cli"), "--seed", "1", "--train-images", "6", "--val-images", "3",
-                    "--test-images", "3", "--vg-images-per-word", "1", "--image-size", "32"])
+    synthetic.main(
+        [
+            str(tmp_path / "cli"),
+            "--seed",
+            "1",
+            "--train-images",
+            "6",
+            "--val-images",
+            "3",
+            "--test-images",
+            "3",
+            "--vg-images-per-word",
+            "1",
+            "--image-size",
+            "32",
+        ]
+    )
     images = NpzImages(tmp_path / "cli/annotation/flickr30k_test_images.npz", 32)
     assert len(images) == 3

@@ -25,7 +25,9 @@ class ModelLoadError(RuntimeError):
 def create_clip(name: str, pretrained: str | None = None) -> torch.nn.Module:
     """Build the open_clip model ``name`` with ``pretrained`` weights (or random init if None)."""
     if name not in open_clip.list_models():
-        raise ModelLoadError(f"model.name={name!r} is not an open_clip architecture; see open_clip.list_models()")
+        raise ModelLoadError(
+            f"model.name={name!r} is not an open_clip architecture; see open_clip.list_models()"
+        )
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
     if tag_cfg.get("quick_gelu") and not open_clip.get_model_config(name).get("quick_gelu"):
         # open_clip only warns, and accuracy drops silently (and a reloaded checkpoint would differ)
@@ -36,7 +38,11 @@ def create_clip(name: str, pretrained: str | None = None) -> torch.nn.Module:
         model = open_clip.create_model(name, pretrained=None, output_dict=True)
         load_training_checkpoint(model, name, pretrained)
         return model
-    if pretrained and not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+    if (
+        pretrained
+        and not Path(pretrained).is_file()
+        and pretrained not in open_clip.list_pretrained_tags_by_model(name)
+    ):
         raise ModelLoadError(
             f"model.pretrained={pretrained!r} is neither a file nor a pretrained tag of {name} "
             f"(tags: {open_clip.list_pretrained_tags_by_model(name)})"
@@ -55,7 +61,9 @@ def load_training_checkpoint(model: torch.nn.Module, name: str, path: str | Path
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     stored = checkpoint.get(CHECKPOINT_KEY)
     if stored != name:
-        raise ModelLoadError(f"{path} holds a {stored!r} model, but model.name={name!r}; set model.name={stored}")
+        raise ModelLoadError(
+            f"{path} holds a {stored!r} model, but model.name={name!r}; set model.name={stored}"
+        )
     prefix = "model."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
@@ -99,7 +107,11 @@ def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     x = open_clip.transformer.text_global_pool(
         x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
     )
-    x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    x = (
+        model.text_projection(x)
+        if isinstance(model.text_projection, torch.nn.Linear)
+        else x @ model.text_projection
+    )
     return F.normalize(x, dim=-1)
 
 

@@ -30,7 +30,9 @@ def extract(
     return torch.cat(out)
 
 
-def save_features(directory: str | os.PathLike, name: str, ids: list[str], features: torch.Tensor | np.ndarray) -> None:
+def save_features(
+    directory: str | os.PathLike, name: str, ids: list[str], features: torch.Tensor | np.ndarray
+) -> None:
     """Write ``NAME.npy`` (float32 [N, ...]) and ``NAME.ids.json`` (N ids) atomically."""
     features = np.asarray(features, dtype=np.float32)
     if len(ids) != len(features):

@@ -17,7 +17,9 @@ KS = (1, 5, 10)
 DIRECTIONS = {"t2i": "text_to_image", "i2t": "image_to_text"}
 
 
-def positives_from_pairs(query_index: torch.Tensor, item_index: torch.Tensor, num_queries: int) -> torch.Tensor:
+def positives_from_pairs(
+    query_index: torch.Tensor, item_index: torch.Tensor, num_queries: int
+) -> torch.Tensor:
     """Padded positives [Q, P] (-1 = none) from relevant (query, item) pairs."""
     order = torch.argsort(query_index, stable=True)
     query_index, item_index = query_index[order], item_index[order]

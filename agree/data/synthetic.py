@@ -1,0 +1,303 @@
+"""The embedded "scenes" dataset, written in every file format of the reference release.
+
+Each image holds a few coloured shapes side by side; captions state which attribute goes with
+which shape and where ("a red circle left of a blue square"). Scenes come in *binding groups*:
+images with the same shapes and colours bound differently, so a bag of words cannot tell them
+apart and entity binding matters. Everything is deterministic per seed.
+
+    python -m agree.data.synthetic OUT_DIR --seed 0 --image-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from agree.data.formats import ReleaseLayout
+from agree.io import write_json, write_jsonl, write_npz
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SIZES = {"small": 0.55, "large": 1.0}
+MANIFEST = "synthetic.json"
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    """Size and difficulty of the generated dataset."""
+
+    seed: int = 0
+    image_size: int = 64
+    train_images: int = 1200
+    val_images: int = 100
+    test_images: int = 200
+    captions_per_image: int = 5
+    min_objects: int = 2
+    max_objects: int = 3
+    attributes: int = 1  # 1: colour; 2: colour and size
+    binding_variants: int = 3  # images per group sharing shapes and colours, bound differently
+    vg_images_per_word: int = 6
+    noise: float = 0.04  # pixel noise, as a fraction of the range
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    size: str
+    column: int  # left-to-right slot
+    y: float  # vertical centre, fraction of the height
+
+    def phrase(self, attributes: int) -> str:
+        words = " ".join(([self.size] if attributes > 1 else []) + [self.color, self.shape])
+        return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+# ---------------------------------------------------------------------------------------------
+# scenes
+
+
+def _group(rng: random.Random, cfg: SceneConfig) -> list[list[SceneObject]]:
+    """A binding group: the same shapes and colours in ``binding_variants`` different bindings."""
+    n = rng.randint(cfg.min_objects, cfg.max_objects)
+    shapes = rng.sample(SHAPES, n)
+    colors = rng.sample(list(COLORS), n)
+    sizes = [rng.choice(list(SIZES)) if cfg.attributes > 1 else "large" for _ in range(n)]
+    scenes, seen = [], set()
+    for _ in range(cfg.binding_variants * 10):
+        if len(scenes) == cfg.binding_variants:
+            break
+        order = rng.sample(range(n), n)  # which colour goes with which shape
+        columns = rng.sample(range(cfg.max_objects), n)
+        key = (tuple(order), tuple(sorted(range(n), key=lambda i: columns[i])))
+        if key in seen:
+            continue
+        seen.add(key)
+        scenes.append(
+            [
+                SceneObject(shapes[i], colors[order[i]], sizes[order[i]], columns[i], rng.uniform(0.3, 0.7))
+                for i in range(n)
+            ]
+        )
+    return scenes
+
+
+def _scenes(rng: random.Random, cfg: SceneConfig, count: int) -> list[list[SceneObject]]:
+    out: list[list[SceneObject]] = []
+    while len(out) < count:
+        out.extend(_group(rng, cfg))
+    return out[:count]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, box: tuple[float, float, float, float]) -> None:
+    x0, y0, x1, y1 = box
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+    fill = COLORS[obj.color]
+    if obj.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif obj.shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    else:  # cross
+        t = r / 3
+        draw.rectangle((cx - t, y0, cx + t, y1), fill=fill)
+        draw.rectangle((x0, cy - t, x1, cy + t), fill=fill)
+
+
+def object_box(obj: SceneObject, image_size: int, columns: int) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1), inclusive-exclusive, of an object."""
+    cell = image_size / columns
+    half = 0.42 * cell * SIZES[obj.size]
+    cx, cy = (obj.column + 0.5) * cell, obj.y * image_size
+    return (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
+
+
+def render(objects: list[SceneObject], image_size: int, columns: int, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """RGB uint8 image (H×W×3) of a scene on a grey, noisy background."""
+    image = Image.new("RGB", (image_size, image_size), (110, 110, 110))
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        x0, y0, x1, y1 = object_box(obj, image_size, columns)
+        _draw_shape(draw, obj, (x0, y0, x1 - 1, y1 - 1))
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels += rng.normal(0.0, 255 * noise, pixels.shape)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def normalise(pixels: np.ndarray, blank: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """uint8 H×W×3 -> CLIP-normalised float32 3×H×W, with ``blank`` box set to black first."""
+    pixels = pixels.astype(np.float32) / 255.0
+    if blank is not None:
+        x0, y0, x1, y1 = blank
+        pixels = pixels.copy()
+        pixels[max(y0, 0) : y1, max(x0, 0) : x1] = 0.0
+    return ((pixels - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# captions
+
+
+def captions(objects: list[SceneObject], attributes: int, rng: random.Random, count: int) -> list[tuple[str, list[str]]]:
+    """``count`` distinct phrasings of a scene, each with the entity phrases it mentions."""
+    ordered = sorted(objects, key=lambda o: o.column)
+    p = [o.phrase(attributes) for o in ordered]
+    a, b, rest = p[0], p[-1], p[1:-1]
+    middle = f" with {rest[0]} between them" if rest else ""
+    templates = [
+        (f"{a} left of {b}{middle}", [a, b, *rest]),
+        (f"{b} to the right of {a}{middle}", [b, a, *rest]),
+        (f"{a} on the left and {b} on the right{middle}", [a, b, *rest]),
+        ("from left to right: " + ", ".join(p[:-1]) + f" and {p[-1]}", p),
+        ("from right to left: " + ", ".join(p[::-1][:-1]) + f" and {p[0]}", p[::-1]),
+        (f"on the left is {a}, on the right is {b}{middle}", [a, b, *rest]),
+        (f"{a} and {b}" + "".join(f" and {r}" for r in rest), p),
+    ]
+    chosen = rng.sample(templates, min(count, len(templates)))
+    out = []
+    for text, entities in chosen:
+        longest = f"{a} left of {b}"
+        segs = entities + ([longest] if longest in text else [])
+        out.append((text, segs))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# writing the release
+
+
+def _flickr_id(split: str, index: int) -> int:
+    return {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000}[split] + index
+
+
+def generate(out_dir: str | Path, cfg: SceneConfig = SceneConfig()) -> ReleaseLayout:
+    """Write the whole release layout under ``out_dir`` (Visual Genome under ``out_dir/VG``)."""
+    layout = ReleaseLayout(Path(out_dir), Path(out_dir) / "VG", cfg.image_size)
+    rng = random.Random(cfg.seed)
+    noise_rng = np.random.default_rng(cfg.seed)
+    columns = cfg.max_objects
+    grounding: dict[str, np.ndarray] = {}
+    splits = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
+    for split, count in splits.items():
+        images: dict[str, np.ndarray] = {}
+        train_rows, val_rows, text_rows, image_rows, seg_rows, object_rows = [], [], [], [], [], []
+        for index, scene in enumerate(_scenes(rng, cfg, count)):
+            fid = _flickr_id(split, index)
+            path = f"flickr30k-images/{fid}.jpg"
+            pixels = render(scene, cfg.image_size, columns, noise_rng, cfg.noise)
+            key = {"train": str(index), "val": str(index), "test": str(fid)}[split]
+            images[key] = normalise(pixels)
+            object_rows.append({"image_id": fid, "image_objects": sorted({o.shape for o in scene})})
+            caps = captions(scene, cfg.attributes, rng, cfg.captions_per_image)
+            by_phrase = {o.phrase(cfg.attributes): o for o in scene}
+            if split == "train":
+                for phrase, obj in by_phrase.items():
+                    box = object_box(obj, cfg.image_size, columns)
+                    grounding[f"{fid}_{phrase}"] = normalise(pixels, blank=box)
+                for text, segs in caps:
+                    preds = [{seg: round(rng.uniform(0.5, 0.95), 3)} for seg in segs if seg in by_phrase]
+                    if rng.random() < 0.3:  # the grounding model's "no specific label" entries
+                        preds.insert(rng.randrange(len(preds) + 1), {"object": round(rng.uniform(0.3, 0.6), 3)})
+                    train_rows.append({"image": path, "caption": text, "image_id": index, "segs": segs, "preds": preds})
+            elif split == "val":
+                val_rows.append({"image": path, "caption": [text for text, _ in caps]})
+            else:
+                query_ids = []
+                for text, segs in caps:
+                    qid = len(text_rows)
+                    query_ids.append(qid)
+                    text_rows.append({"query_id": qid, "query_text": text, "item_ids": [fid]})
+                    seg_rows.append({"query_id": qid, "query_text": text, "items": segs})
+                image_rows.append({"image_id": fid, "item_ids": query_ids})
+        write_npz(layout.images_npz(split), images)
+        write_jsonl(layout.image_objects(split), object_rows)
+        if split == "train":
+            write_jsonl(layout.train_records, train_rows)
+        elif split == "val":
+            write_json(layout.val_records, val_rows)
+        else:
+            write_jsonl(layout.test_texts, text_rows)
+            write_jsonl(layout.test_images, image_rows)
+            write_jsonl(layout.test_text_segs, seg_rows)
+    write_npz(layout.grounding_npz, grounding)
+    _write_visual_genome(layout, cfg, rng, noise_rng)
+    write_json(layout.root / MANIFEST, dataclasses.asdict(cfg))
+    return layout
+
+
+def _write_visual_genome(layout: ReleaseLayout, cfg: SceneConfig, rng: random.Random, noise_rng: np.random.Generator) -> None:
+    """An entity bank: for each shape word, images with that shape (and a distractor) and its region blanked."""
+    images, masked, vocab = {}, {}, []
+    vg_id = 1
+    for word in SHAPES:
+        objects = []
+        for _ in range(cfg.vg_images_per_word):
+            distractor = rng.choice([s for s in SHAPES if s != word])
+            target_col, other_col = rng.sample(range(2), 2)
+            colors = rng.sample(list(COLORS), 2)
+            scene = [
+                SceneObject(word, colors[0], "large", target_col, rng.uniform(0.3, 0.7)),
+                SceneObject(distractor, colors[1], "small", other_col, rng.uniform(0.3, 0.7)),
+            ]
+            pixels = render(scene, cfg.image_size, 2, noise_rng, cfg.noise)
+            x0, y0, x1, y1 = box = object_box(scene[0], cfg.image_size, 2)
+            images[str(vg_id)] = normalise(pixels)
+            masked[f"{word}_{vg_id}"] = normalise(pixels, blank=box)
+            region = {"object_id": vg_id * 10, "x": x0, "y": y0, "w": x1 - x0, "h": y1 - y0, "names": [word]}
+            objects.append({"image_id": vg_id, "object": region})
+            vg_id += 1
+        vocab.append({"vocab": word, "objects": objects})
+    write_npz(layout.vg_images_npz, images)
+    write_npz(layout.vg_mask_images_npz, masked)
+    write_jsonl(layout.vg_vocab, vocab)
+
+
+def ensure_generated(out_dir: str | Path, cfg: SceneConfig) -> ReleaseLayout:
+    """Generate the dataset unless ``out_dir`` already holds it for the same parameters."""
+    manifest = Path(out_dir) / MANIFEST
+    if manifest.is_file():
+        found = json.loads(manifest.read_text())
+        if found != dataclasses.asdict(cfg):
+            raise ValueError(
+                f"{out_dir} holds a scenes dataset made with other parameters ({manifest}); "
+                "delete it or set data.root to another folder"
+            )
+        return ReleaseLayout(Path(out_dir), Path(out_dir) / "VG", cfg.image_size)
+    return generate(out_dir, cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    for field in dataclasses.fields(SceneConfig):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    args = vars(parser.parse_args(argv))
+    out_dir = args.pop("out_dir")
+    generate(out_dir, SceneConfig(**args))
+    print(f"wrote the scenes dataset to {out_dir}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
