@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from agree.config import data_layout, resolve_precision, scene_config
 from agree.data.datamodule import AgreeDataModule
+from agree.data.datasets import inputs_for
 from agree.io import write_json
 from agree.model.clip import get_tokenizer
 from agree.model.module import AgreeModule
@@ -44,6 +45,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         model_name=cfg.model.name,
         pretrained=cfg.model.pretrained,
         loss_weights=dict(cfg.losses),
+        margin=cfg.loss_options.margin,
+        skip_duplicate_negatives=cfg.loss_options.skip_duplicate_negatives,
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         betas=tuple(cfg.optim.betas),
@@ -56,6 +59,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         batch_size=cfg.data.batch_size,
         val_batch_size=cfg.data.val_batch_size,
         num_workers=cfg.data.num_workers,
+        needs=inputs_for(dict(cfg.losses)),
+        max_entities=cfg.data.max_entities,
+        max_entity_words=cfg.data.max_entity_words,
         synthetic=scene_config(cfg.data),
     )
     checkpoints = ModelCheckpoint(

@@ -2,29 +2,145 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
-from agree.data.formats import NpzImages, TrainRecord, ValRecord
+from agree.data.formats import NO_GROUNDING_LABEL, PROMPT_TEMPLATE, NpzImages, TrainRecord, ValRecord
+from agree.data.synthetic import CLIP_MEAN, CLIP_STD
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
+BLACK = tuple(float(v) for v in (0.0 - CLIP_MEAN) / CLIP_STD)  # black pixels, CLIP-normalised
+
+
+def text_key(text: str) -> int:
+    """A stable id of a text (the same on every rank), to spot duplicate pairs in a batch."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+# The inputs each loss needs beyond images and captions; a loss with weight 0 loads none of its own.
+LOSS_INPUTS = {
+    "clip": frozenset(),
+    "prompt": frozenset({"prompts"}),
+    "text_mask": frozenset({"masked_captions"}),
+    "vg_contrast": frozenset({"vg"}),
+    "vg_mask": frozenset({"vg", "vg_masked"}),
+    "ground_mask": frozenset({"ground_masked"}),
+}
+
+
+def inputs_for(loss_weights: dict[str, float]) -> frozenset[str]:
+    """The entity inputs the enabled losses (weight > 0) need."""
+    unknown = set(loss_weights) - set(LOSS_INPUTS)
+    if unknown:
+        raise ValueError(f"unknown loss {sorted(unknown)}; the losses are {sorted(LOSS_INPUTS)}")
+    return frozenset().union(*(LOSS_INPUTS[name] for name, w in loss_weights.items() if w > 0))
+
+
+@dataclass
+class EntitySources:
+    """The entity-level inputs of the release (only those the enabled losses need are set)."""
+
+    grounding: NpzImages | None = None  # "{flickr_id}_{label}" -> image with that region blanked
+    image_objects: dict[str, list[str]] | None = None  # flickr_id -> VG vocabulary words
+    vg_ids: dict[str, list[str]] | None = None  # word -> VG image ids
+    vg_images: NpzImages | None = None
+    vg_masked: NpzImages | None = None  # "{word}_{vg_id}" -> VG image with the word's region blanked
+
+
+def random_square(image: torch.Tensor, side: int) -> torch.Tensor:
+    """The fallback mask: ``image`` with a black ``side``×``side`` square at a random place."""
+    size = image.shape[-1]
+    y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,)))
+    black = torch.tensor(BLACK, dtype=image.dtype)[:, None, None]
+    masked = image.clone()
+    masked[:, y : y + side, x : x + side] = black
+    return masked
 
 
 class TrainCaptions(Dataset):
-    """One item per training caption: its image and text."""
+    """One item per training caption: its image and text, and the entity inputs in ``needs``.
 
-    def __init__(self, records: Sequence[TrainRecord], images: NpzImages):
+    Entities longer than ``max_entity_words`` words are dropped and at most ``max_entities``
+    kept. Without a VG object for the image (or a grounded entity), the sample's own image and
+    caption stand in, with a random black square (32 px at 224) as the mask.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[TrainRecord],
+        images: NpzImages,
+        needs: frozenset[str] = frozenset(),
+        sources: EntitySources | None = None,
+        max_entities: int = 5,
+        max_entity_words: int = 7,
+    ):
         images.require([r.image_key for r in records], "train image_id")
-        self.records, self.images = records, images
+        self.records, self.images, self.needs = records, images, needs
+        self.sources = sources or EntitySources()
+        self.max_entities, self.max_entity_words = max_entities, max_entity_words
+        self.square = max(1, round(32 * images.shape[-1] / 224))
+        if "ground_masked" in needs:
+            keys = [f"{r.flickr_id}_{label}" for r in records if (label := grounded_label(r)) is not None]
+            self.sources.grounding.require(keys, "grounded entity")
+        if "vg" in needs:
+            self.sources.vg_images.require(
+                sorted({i for ids in self.sources.vg_ids.values() for i in ids}), "VG image"
+            )
+        if "vg_masked" in needs:
+            keys = [f"{word}_{i}" for word, ids in self.sources.vg_ids.items() for i in ids]
+            self.sources.vg_masked.require(keys, "VG mask")
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def entities(self, record: TrainRecord) -> list[str]:
+        return [s for s in record.segs if len(s.split(" ")) <= self.max_entity_words][: self.max_entities]
+
+    def _vg_draw(self, record: TrainRecord) -> tuple[str, str] | None:
+        """A random (word, VG image id) among the image's objects that have VG images."""
+        words = [
+            w for w in self.sources.image_objects.get(record.flickr_id, []) if self.sources.vg_ids.get(w)
+        ]
+        if not words:
+            return None
+        word = words[int(torch.randint(len(words), ()))]
+        ids = self.sources.vg_ids[word]
+        return word, ids[int(torch.randint(len(ids), ()))]
+
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        return {"image": torch.from_numpy(self.images[record.image_key]).float(), "caption": record.caption}
+        image = torch.from_numpy(self.images[record.image_key]).float()
+        item = {"image": image, "caption": record.caption, "image_key": int(record.image_key)}
+        if self.needs & {"prompts", "masked_captions"}:
+            item["entities"] = self.entities(record)
+        if "vg" in self.needs:
+            drawn = self._vg_draw(record)
+            if drawn is None:
+                item["vg_image"], item["vg_text"] = image, record.caption
+                item["vg_masked"] = random_square(image, self.square)
+            else:
+                word, vg_id = drawn
+                item["vg_image"] = torch.from_numpy(self.sources.vg_images[vg_id]).float()
+                item["vg_text"] = PROMPT_TEMPLATE.format(entity=word)
+                if "vg_masked" in self.needs:
+                    item["vg_masked"] = torch.from_numpy(self.sources.vg_masked[f"{word}_{vg_id}"]).float()
+        if "ground_masked" in self.needs:
+            label = grounded_label(record)
+            item["ground_masked"] = (
+                random_square(image, self.square)
+                if label is None
+                else torch.from_numpy(self.sources.grounding[f"{record.flickr_id}_{label}"]).float()
+            )
+        return item
+
+
+def grounded_label(record: TrainRecord) -> str | None:
+    """The first grounded entity with a specific label (not "object"), if any."""
+    return next((label for label, _ in record.preds if label != NO_GROUNDING_LABEL), None)
 
 
 class ValImages(Dataset):
@@ -64,16 +180,43 @@ class ImageArrays(Dataset):
 
 
 class CollateTrain:
-    """Stack images and tokenize captions of a training batch."""
+    """Stack images, tokenize texts, and lay entity slots out as [B, max_entities] with a mask.
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
+    Only valid slots are tokenized (and later encoded): padding never becomes text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, needs: frozenset[str] = frozenset(), max_entities: int = 5):
+        self.tokenizer, self.needs, self.max_entities = tokenizer, needs, max_entities
 
     def __call__(self, items: list[dict]) -> dict:
-        return {
+        batch = {
             "images": torch.stack([it["image"] for it in items]),
             "captions": self.tokenizer([it["caption"] for it in items]),
+            "image_keys": torch.tensor([it["image_key"] for it in items]),
+            "caption_keys": torch.tensor([text_key(it["caption"]) for it in items]),
         }
+        if "entities" in items[0]:
+            valid = torch.zeros(len(items), self.max_entities, dtype=torch.bool)
+            keys = torch.full((len(items), self.max_entities), -1, dtype=torch.long)
+            prompts, masked = [], []
+            for i, it in enumerate(items):
+                for j, entity in enumerate(it["entities"]):
+                    valid[i, j] = True
+                    keys[i, j] = text_key(entity)
+                    prompts.append(PROMPT_TEMPLATE.format(entity=entity))
+                    masked.append(it["caption"].replace(entity, "[MASK]"))
+            batch["entity_valid"], batch["entity_keys"] = valid, keys
+            for name, texts in (("prompts", prompts), ("masked_captions", masked)):
+                if name in self.needs:
+                    batch[name] = self.tokenizer(texts) if texts else batch["captions"][:0]
+        if "vg_image" in items[0]:
+            batch["vg_images"] = torch.stack([it["vg_image"] for it in items])
+            batch["vg_prompts"] = self.tokenizer([it["vg_text"] for it in items])
+            batch["vg_keys"] = torch.tensor([text_key(it["vg_text"]) for it in items])
+        for name in ("vg_masked", "ground_masked"):
+            if name in items[0]:
+                batch[f"{name}_images"] = torch.stack([it[name] for it in items])
+        return batch
 
 
 class CollateVal:

@@ -122,7 +122,7 @@ def read_train_records(path: str | os.PathLike) -> list[TrainRecord]:
         for pred in row.get("preds", []):
             if not (isinstance(pred, dict) and len(pred) == 1):
                 raise DataFormatError(f"{where}: each of 'preds' must be a one-key object {{label: score}}")
-            (label, score), = pred.items()
+            ((label, score),) = pred.items()
             if not isinstance(score, (int, float)):
                 raise DataFormatError(f"{where}: score of grounded entity {label!r} is not a number")
             preds.append((label, float(score)))
@@ -169,7 +169,11 @@ class TestText:
 def read_test_texts(path: str | os.PathLike) -> list[TestText]:
     rows = read_jsonl(path, {"query_id": (int, str), "query_text": str, "item_ids": list})
     out = [
-        TestText(canonical_id(r["query_id"]), r["query_text"], tuple(_id_list(r["item_ids"], f"{path}:{i}", "item_ids")))
+        TestText(
+            canonical_id(r["query_id"]),
+            r["query_text"],
+            tuple(_id_list(r["item_ids"], f"{path}:{i}", "item_ids")),
+        )
         for i, r in enumerate(rows, start=1)
     ]
     _check_unique([t.query_id for t in out], path, "query_id")
@@ -352,7 +356,6 @@ class ReleaseLayout:
         return self.vg_root / "vocab_VG_images_objs.jsonl"
 
 
-
 # ---------------------------------------------------------------------------------------------
 # writers of the evaluation outputs
 
@@ -380,5 +383,11 @@ def evaluation_json(recall: dict[str, float]) -> dict:
     return {
         "success": True,
         "score": score,
-        "scoreJson": {"score": score, "mean_recall": score, "r1": recall["r1"], "r5": recall["r5"], "r10": recall["r10"]},
+        "scoreJson": {
+            "score": score,
+            "mean_recall": score,
+            "r1": recall["r1"],
+            "r5": recall["r5"],
+            "r10": recall["r10"],
+        },
     }

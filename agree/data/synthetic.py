@@ -134,7 +134,9 @@ def object_box(obj: SceneObject, image_size: int, columns: int) -> tuple[int, in
     return (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
 
 
-def render(objects: list[SceneObject], image_size: int, columns: int, rng: np.random.Generator, noise: float) -> np.ndarray:
+def render(
+    objects: list[SceneObject], image_size: int, columns: int, rng: np.random.Generator, noise: float
+) -> np.ndarray:
     """RGB uint8 image (H×W×3) of a scene on a grey, noisy background."""
     image = Image.new("RGB", (image_size, image_size), (110, 110, 110))
     draw = ImageDraw.Draw(image)
@@ -160,7 +162,9 @@ def normalise(pixels: np.ndarray, blank: tuple[int, int, int, int] | None = None
 # captions
 
 
-def captions(objects: list[SceneObject], attributes: int, rng: random.Random, count: int) -> list[tuple[str, list[str]]]:
+def captions(
+    objects: list[SceneObject], attributes: int, rng: random.Random, count: int
+) -> list[tuple[str, list[str]]]:
     """``count`` distinct phrasings of a scene, each with the entity phrases it mentions."""
     ordered = sorted(objects, key=lambda o: o.column)
     p = [o.phrase(attributes) for o in ordered]
@@ -219,8 +223,12 @@ def generate(out_dir: str | Path, cfg: SceneConfig = SceneConfig()) -> ReleaseLa
                 for text, segs in caps:
                     preds = [{seg: round(rng.uniform(0.5, 0.95), 3)} for seg in segs if seg in by_phrase]
                     if rng.random() < 0.3:  # the grounding model's "no specific label" entries
-                        preds.insert(rng.randrange(len(preds) + 1), {"object": round(rng.uniform(0.3, 0.6), 3)})
-                    train_rows.append({"image": path, "caption": text, "image_id": index, "segs": segs, "preds": preds})
+                        preds.insert(
+                            rng.randrange(len(preds) + 1), {"object": round(rng.uniform(0.3, 0.6), 3)}
+                        )
+                    train_rows.append(
+                        {"image": path, "caption": text, "image_id": index, "segs": segs, "preds": preds}
+                    )
             elif split == "val":
                 val_rows.append({"image": path, "caption": [text for text, _ in caps]})
             else:
@@ -247,8 +255,10 @@ def generate(out_dir: str | Path, cfg: SceneConfig = SceneConfig()) -> ReleaseLa
     return layout
 
 
-def _write_visual_genome(layout: ReleaseLayout, cfg: SceneConfig, rng: random.Random, noise_rng: np.random.Generator) -> None:
-    """An entity bank: for each shape word, images with that shape (and a distractor) and its region blanked."""
+def _write_visual_genome(
+    layout: ReleaseLayout, cfg: SceneConfig, rng: random.Random, noise_rng: np.random.Generator
+) -> None:
+    """An entity bank: per shape word, images with that shape (and a distractor) and its region blanked."""
     images, masked, vocab = {}, {}, []
     vg_id = 1
     for word in SHAPES:
@@ -292,7 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     for field in dataclasses.fields(SceneConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default
+        )
     args = vars(parser.parse_args(argv))
     out_dir = args.pop("out_dir")
     generate(out_dir, SceneConfig(**args))

@@ -1,0 +1,124 @@
+"""The loss functions against direct formulas on hand-made features."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agree.model import losses
+
+
+def unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def info_nce_by_hand(a, b, scale, valid=None, same=None):
+    """Mean over valid i of (-log softmax_j(scale a_i.b_j)[i] - log softmax_j(scale b_i.a_j)[i]) / 2."""
+    n = len(a)
+    valid = valid if valid is not None else [True] * n
+    terms = []
+    for i in range(n):
+        if not valid[i]:
+            continue
+        for x, y in ((a, b), (b, a)):
+            cols = [j for j in range(n) if valid[j] and (j == i or not (same and same(i, j)))]
+            logits = [scale * float(x[i] @ y[j]) for j in cols]
+            terms.append(-(logits[cols.index(i)] - math.log(sum(math.exp(v) for v in logits))))
+    return sum(terms) / (2 * sum(valid))
+
+
+def test_contrastive_matches_formula():
+    a = unit([1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1])
+    b = unit([1, 0.2, 0], [0.1, 1, 0], [0, 1, 1], [1, 0, 1])
+    scale = torch.tensor(10.0)
+    assert losses.contrastive_loss(a, b, scale).item() == pytest.approx(
+        info_nce_by_hand(a, b, 10.0), rel=1e-5
+    )
+
+
+def test_contrastive_masks_padding_and_duplicates():
+    a = unit([1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1])
+    b = unit([1, 0.2, 0], [0.1, 1, 0], [0, 1, 1], [1, 0, 1])
+    valid = torch.tensor([True, True, False, True])
+    got = losses.contrastive_loss(a, b, torch.tensor(5.0), valid_all=valid)
+    assert got.item() == pytest.approx(info_nce_by_hand(a, b, 5.0, valid.tolist()), rel=1e-5)
+    # rows 0 and 3 share an image id: neither is the other's negative
+    keys = torch.tensor([[7, 1], [8, 2], [9, 3], [7, 4]])
+    got = losses.contrastive_loss(a, b, torch.tensor(5.0), keys_all=keys)
+    same = lambda i, j: bool((keys[i] == keys[j]).any())  # noqa: E731
+    assert got.item() == pytest.approx(info_nce_by_hand(a, b, 5.0, same=same), rel=1e-5)
+
+
+def test_contrastive_local_rows_against_gathered_candidates():
+    """Rank r's loss over its rows, times its share, averages over ranks to the global loss."""
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(6, 4), dim=-1), F.normalize(torch.randn(6, 4), dim=-1)
+    valid = torch.tensor([True, False, True, True, True, False])
+    scale = torch.tensor(7.0)
+    whole = losses.contrastive_loss(a, b, scale, valid_all=valid)
+    ranks = [
+        losses.contrastive_loss(a[r * 3 : r * 3 + 3], b[r * 3 : r * 3 + 3], scale, a, b, r * 3, valid)
+        for r in (0, 1)
+    ]
+    assert (sum(ranks) / 2).item() == pytest.approx(whole.item(), rel=1e-5)
+
+
+def test_slot_loss_is_mean_over_used_slots_and_ignores_padding():
+    torch.manual_seed(1)
+    image = F.normalize(torch.randn(4, 3), dim=-1)
+    slots = F.normalize(torch.randn(4, 3, 3), dim=-1)
+    valid = torch.tensor(
+        [[True, True, False], [True, False, False], [True, True, False], [True, False, False]]
+    )
+    scale = torch.tensor(4.0)
+    expected = (
+        sum(info_nce_by_hand(image, slots[:, j], 4.0, valid[:, j].tolist()) for j in (0, 1)) / 2
+    )  # slot 2 is padding everywhere: not averaged in
+    got = losses.slot_contrastive_loss(image, slots, scale, valid)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    garbage = slots.clone()
+    garbage[~valid] = 1e3
+    assert losses.slot_contrastive_loss(image, garbage, scale, valid).item() == pytest.approx(
+        got.item(), rel=1e-6
+    )
+
+
+def test_no_valid_rows_gives_zero_with_graph():
+    a = torch.randn(2, 3, requires_grad=True)
+    got = losses.contrastive_loss(a, a, torch.tensor(1.0), valid_all=torch.tensor([False, False]))
+    got.backward()
+    assert got.item() == 0 and a.grad is not None
+
+
+def test_margin_ranking_matches_formula():
+    pos = torch.tensor([0.5, 0.1, 0.3])
+    neg = torch.tensor([[0.4, 0.6], [0.0, 0.2], [0.9, 0.3]])
+    valid = torch.tensor([[True, True], [True, False], [True, True]])
+    scale, margin = torch.tensor(10.0), 0.5
+    expected = sum(
+        max(0.0, margin - 10.0 * (pos[i] - neg[i, j]).item()) / 10.0
+        for i in range(3)
+        for j in range(2)
+        if valid[i, j]
+    )
+    got = losses.margin_ranking_loss(pos, neg, scale, margin, valid)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # the reference's margin 0, per row
+    one = losses.margin_ranking_loss(pos, neg[:, 0], scale)
+    assert one.item() == pytest.approx(
+        sum(max(0.0, -(pos[i] - neg[i, 0]).item()) for i in range(3)), rel=1e-5
+    )
+    # a rank's share: the sum over 3 of 6 global rows counts twice
+    assert losses.margin_ranking_loss(pos, neg[:, 0], scale, global_size=6).item() == pytest.approx(
+        2 * one.item()
+    )
+
+
+@pytest.mark.parametrize("which", ["positive", "negative"])
+def test_margin_ranking_has_gradients(which):
+    pos = torch.tensor([0.1, 0.2], requires_grad=True)
+    neg = torch.tensor([0.3, 0.4], requires_grad=True)
+    losses.margin_ranking_loss(pos, neg, torch.tensor(10.0)).backward()
+    grad = (pos if which == "positive" else neg).grad
+    assert grad is not None and grad.abs().sum() > 0
