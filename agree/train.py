@@ -37,14 +37,25 @@ def build_logger(cfg: DictConfig):
     return hydra.utils.instantiate(logger_cfg)
 
 
+def loss_weights(cfg: DictConfig) -> dict[str, float]:
+    """The ``losses`` weights, with ``drop_loss`` (an ablation) set to 0."""
+    weights = {name: float(w) for name, w in cfg.losses.items()}
+    if cfg.get("drop_loss") not in (None, "none"):
+        if cfg.drop_loss not in weights:
+            raise ValueError(f"drop_loss={cfg.drop_loss!r} is not a loss; choose one of {sorted(weights)}")
+        weights[cfg.drop_loss] = 0.0
+    return weights
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Train as ``cfg`` says; return the final validation metrics and the objects used."""
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
+    weights = loss_weights(cfg)
     module = AgreeModule(
         model_name=cfg.model.name,
         pretrained=cfg.model.pretrained,
-        loss_weights=dict(cfg.losses),
+        loss_weights=weights,
         margin=cfg.loss_options.margin,
         skip_duplicate_negatives=cfg.loss_options.skip_duplicate_negatives,
         lr=cfg.optim.lr,
@@ -59,7 +70,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         batch_size=cfg.data.batch_size,
         val_batch_size=cfg.data.val_batch_size,
         num_workers=cfg.data.num_workers,
-        needs=inputs_for(dict(cfg.losses)),
+        needs=inputs_for(weights),
         max_entities=cfg.data.max_entities,
         max_entity_words=cfg.data.max_entity_words,
         synthetic=scene_config(cfg.data),

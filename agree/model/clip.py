@@ -87,18 +87,14 @@ def supports_short_text(model: torch.nn.Module) -> bool:
     )
 
 
-def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """L2-normalised text features, encoding only up to the longest sequence in the batch.
-
-    open_clip's ``CLIP.encode_text`` always runs all 77 positions; captions are ~15 tokens, so we
-    repeat its few lines with the positional embedding and causal mask cut to the real length.
-    """
-    if not supports_short_text(model):
-        return model.encode_text(tokens, normalize=True)
+def _eot_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     if model.text_pool_type == "argmax":
-        length = int(tokens.argmax(dim=-1).max()) + 1
-    else:
-        length = int((tokens == model.text_eos_id).int().argmax(dim=-1).max()) + 1
+        return tokens.argmax(dim=-1)
+    return (tokens == model.text_eos_id).int().argmax(dim=-1)
+
+
+def _encode_text_cut(model: torch.nn.Module, tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` on the first ``length`` positions only."""
     tokens = tokens[:, :length]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
@@ -113,6 +109,23 @@ def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         else x @ model.text_projection
     )
     return F.normalize(x, dim=-1)
+
+
+def encode_text(model: torch.nn.Module, tokens: torch.Tensor, bucket: int = 64) -> torch.Tensor:
+    """L2-normalised text features, each text encoded only up to (about) its real length.
+
+    open_clip's ``CLIP.encode_text`` always runs all 77 positions; captions are ~15 tokens. We
+    repeat its few lines with the positional embedding and causal mask cut, after sorting the
+    texts by length into groups of ``bucket`` so one long caption does not pad the others.
+    """
+    if not supports_short_text(model):
+        return model.encode_text(tokens, normalize=True)
+    lengths = _eot_positions(model, tokens) + 1
+    if len(tokens) <= bucket:
+        return _encode_text_cut(model, tokens, int(lengths.max()))
+    order = torch.argsort(lengths)
+    parts = [_encode_text_cut(model, tokens[idx], int(lengths[idx].max())) for idx in order.split(bucket)]
+    return torch.cat(parts)[torch.argsort(order)]
 
 
 def encode_image(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

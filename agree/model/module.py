@@ -198,7 +198,8 @@ class AgreeModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_recall.compute()
         self.val_recall.reset()
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False, sync_dist=False)
+        # the metric already gathered every rank's features: the values agree on all ranks
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
 
     # -- optimisation and checkpoints -------------------------------------------------------------
 

@@ -1,0 +1,113 @@
+"""Entry points as users launch them: experiments compose, DDP launch, W&B offline, ablation table."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+
+import agree
+from agree.train import loss_weights, train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(agree.__file__).parent / "conf" / "experiment").glob("*.yaml"))
+SMALL = [
+    "data.synthetic.train_images=20",
+    "data.synthetic.val_images=8",
+    "data.synthetic.test_images=8",
+    "data.synthetic.vg_images_per_word=1",
+    "trainer.enable_progress_bar=false",
+]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(name, *overrides):
+    with initialize_config_module("agree.conf", version_base="1.3"):
+        return compose(name, list(overrides))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = config("train", f"+experiment={experiment}", "output_dir=x")
+    assert cfg.model.name and loss_weights(cfg)["clip"] > 0
+
+
+def test_ablation_drops_each_loss_once():
+    cfg = config("train", "+experiment=ablation", "output_dir=x", "drop_loss=vg_mask")
+    weights = loss_weights(cfg)
+    assert weights["vg_mask"] == 0 and weights["prompt"] == 0.03 and weights["clip"] == 0.9
+    with pytest.raises(ValueError, match="drop_loss='nope' is not a loss"):
+        loss_weights(config("train", "output_dir=x", "drop_loss=nope"))
+
+
+def test_ddp_launch_two_cpu_processes(tmp_path):
+    """`trainer=ddp` through the real command line: two processes, one run directory."""
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "agree.train",
+        "+experiment=demo",
+        "losses=agree",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=1",
+        f"data.root={tmp_path / 'scenes'}",
+        f"hydra.run.dir={run_dir}",
+        *SMALL,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val/rsum"] > 0
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert all(f"train/loss_{name}" in header for name in ("clip", "prompt", "vg_mask", "ground_mask"))
+    assert not (tmp_path / "outputs").exists()  # the second process wrote into the same run dir
+
+
+def test_wandb_logger_offline_without_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = config(
+        "train",
+        "+experiment=demo",
+        "losses=agree",
+        "logger=wandb",
+        f"output_dir={tmp_path / 'run'}",
+        f"data.root={tmp_path / 'scenes'}",
+        "trainer.max_steps=2",
+        "+trainer.limit_val_batches=1",
+        *SMALL,
+    )
+    try:
+        train(cfg)
+    finally:
+        import wandb
+
+        wandb.finish()
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert runs and any(runs[0].glob("*.wandb"))
+
+
+def test_ablation_table(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import ablation_table
+
+    for number, dropped in enumerate(["prompt", "none"]):
+        job = tmp_path / f"{number}_drop_{dropped}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"drop_loss": dropped}))
+        metrics = {f"val/{c}": float(number + 1) for c in ablation_table.COLUMNS}
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    text = ablation_table.table(ablation_table.rows(tmp_path))
+    lines = text.splitlines()
+    assert lines[2].startswith("| full AGREE | 2.0") and lines[3].startswith("| w/o prompt | 1.0")
