@@ -118,7 +118,7 @@ def bench_model(name: str, image_size: int, batch_size: int, repeats: int, root:
         "agree_step_s": step["agree"],
         "step_ratio": step["agree"] / step["clip"],
         "work_ratio": work["agree"] / work["clip"],
-        "encoded": f"{n_images['agree']} img + {n_texts['agree']} txt vs {n_images['clip']} img + {n_texts['clip']} txt",
+        "encoded": " vs ".join(f"{n_images[k]} img + {n_texts[k]} txt" for k in ("agree", "clip")),
         "text_speedup": full / short,
     }
 
@@ -134,9 +134,10 @@ def main() -> None:
             size, batch = settings.get(name, (224, 8))
             r = bench_model(name, size, batch, args.repeats, Path(tmp))
             print(
-                f"{r['model']:<11} batch {r['batch']:>3}: CLIP step {r['clip_step_s']:.3f} s, AGREE step "
-                f"{r['agree_step_s']:.3f} s -> step ratio {r['step_ratio']:.2f} vs work ratio {r['work_ratio']:.2f} "
-                f"({r['step_ratio'] / r['work_ratio']:.2f}x; {r['encoded']}); "
+                f"{r['model']:<11} batch {r['batch']:>3}: CLIP step {r['clip_step_s']:.3f} s, "
+                f"AGREE step {r['agree_step_s']:.3f} s -> step ratio {r['step_ratio']:.2f} "
+                f"vs work ratio {r['work_ratio']:.2f} ({r['step_ratio'] / r['work_ratio']:.2f}x; "
+                f"{r['encoded']}); "
                 f"text at real length {r['text_speedup']:.1f}x faster"
             )
 
