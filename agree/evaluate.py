@@ -1,40 +1,63 @@
-"""Evaluate image-text retrieval on the test split, from a checkpoint or a pretrained model.
+"""Evaluate image-text retrieval on the test split, with optional re-ranking.
 
-    python -m agree.evaluate ckpt_path=outputs/train/.../checkpoints/last.ckpt
+    python -m agree.evaluate ckpt_path=outputs/train/.../checkpoints/last.ckpt [rerank=egr_tbr]
 
-Writes under ``output_dir``: ``features/`` (binary feature store), ``predictions/`` (reference
-JSONL), ``evaluation/`` (reference evaluation JSON per direction) and ``results.json``.
+Features come from a model (a checkpoint or ``model.pretrained``) or from reference JSONL
+feature files (``features.*``). Writes under ``output_dir``: ``features/`` (binary feature
+store), ``predictions/`` (reference JSONL per stage and direction), ``evaluation/`` (reference
+evaluation JSON per stage and direction) and ``results.json``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from agree.config import ensure_data, resolve_device, resolve_path
 from agree.data.datasets import ImageArrays
 from agree.data.formats import (
+    PROMPT_TEMPLATE,
     DataFormatError,
     NpzImages,
-    ReleaseLayout,
     TestImage,
     TestText,
     evaluation_json,
     prediction_rows,
+    read_entity_feature_jsonl,
+    read_feature_jsonl,
     read_test_images,
     read_test_texts,
+    read_text_segs,
 )
 from agree.io import write_json, write_jsonl
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
 from agree.retrieval.features import extract, save_features
-from agree.retrieval.metrics import KS, positives_from_pairs, recall_at_k, summarise
-from agree.retrieval.search import topk_similarity
+from agree.retrieval.metrics import positives_from_pairs, recall_at_k, summarise
+from agree.retrieval.pipeline import EntityFeatures, rank_stages
 
 DIRECTIONS = ("text_to_image", "image_to_text")
+
+
+@dataclass
+class TestSet:
+    """The test annotations and the features of their texts and images (rows in file order)."""
+
+    texts: list[TestText]
+    images: list[TestImage]
+    positives: dict[str, torch.Tensor]  # per direction, padded item indices (see ground_truth)
+    text_features: torch.Tensor
+    image_features: torch.Tensor
+    entities: EntityFeatures | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# ground truth
 
 
 def _relevant_pairs(queries, query_index, item_index, files, noun) -> torch.Tensor:
@@ -51,12 +74,11 @@ def _relevant_pairs(queries, query_index, item_index, files, noun) -> torch.Tens
 
 
 def ground_truth(
-    texts: list[TestText], images: list[TestImage], layout: ReleaseLayout
+    texts: list[TestText], images: list[TestImage], files: tuple[Path, Path]
 ) -> dict[str, torch.Tensor]:
-    """Padded positives per direction, checking that both annotation files agree on every id."""
+    """Padded positives per direction; ``files`` = (texts file, images file) for error messages."""
     image_index = {im.image_id: i for i, im in enumerate(images)}
     text_index = {t.query_id: i for i, t in enumerate(texts)}
-    files = (layout.test_texts, layout.test_images)
     t2i = _relevant_pairs([(t.query_id, t.image_ids) for t in texts], text_index, image_index, files, "image")
     i2t = _relevant_pairs(
         [(i.image_id, i.query_ids) for i in images], image_index, text_index, files[::-1], "query"
@@ -67,67 +89,191 @@ def ground_truth(
     }
 
 
-def encode_test_set(
-    model,
-    tokenizer,
-    texts: list[TestText],
-    images: NpzImages,
-    image_ids: list[str],
-    batch_size: int,
-    device: torch.device,
+# ---------------------------------------------------------------------------------------------
+# features from a model
+
+
+def entity_texts(
+    caption: str, entities: list[str], max_entities: int, max_words: int
+) -> tuple[list[str], list[str]]:
+    """(prompts, masked captions) of a caption's usable entities."""
+    kept = [e for e in entities if len(e.split(" ")) <= max_words][:max_entities]
+    return [PROMPT_TEMPLATE.format(entity=e) for e in kept], [caption.replace(e, "[MASK]") for e in kept]
+
+
+def _encode_texts(model, tokenizer, texts: list[str], batch_size: int, device, desc: str) -> torch.Tensor:
+    batches = [tokenizer(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    return extract(lambda x: encode_text(model, x), batches, device, desc, len(batches))
+
+
+def model_features(
+    cfg: DictConfig, texts: list[TestText], images: list[TestImage], segs: dict | None, layout
 ):
-    """(text features [T, D], image features [I, D]) on CPU."""
-    image_batches = torch.utils.data.DataLoader(
-        ImageArrays(images, image_ids, "test image_id"), batch_size=batch_size
+    """(text features, image features, entity features or None) from the configured model."""
+    device = resolve_device(cfg.device)
+    npz = NpzImages(layout.images_npz("test"), layout.image_size)
+    image_ids = [im.image_id for im in images]
+    npz.require(image_ids, "test image_id")
+    pretrained = str(resolve_path(cfg.ckpt_path)) if cfg.ckpt_path else cfg.model.pretrained
+    model = create_clip(cfg.model.name, pretrained).to(device).eval()
+    tokenizer = get_tokenizer(cfg.model.name)
+    loader = torch.utils.data.DataLoader(
+        ImageArrays(npz, image_ids, "test image_id"), batch_size=cfg.batch_size
     )
-    image_features = extract(
-        lambda x: encode_image(model, x), image_batches, device, "images", len(image_batches)
-    )
-    captions = [t.text for t in texts]
-    text_batches = [tokenizer(captions[i : i + batch_size]) for i in range(0, len(captions), batch_size)]
-    text_features = extract(lambda x: encode_text(model, x), text_batches, device, "texts")
-    return text_features, image_features
+    image_features = extract(lambda x: encode_image(model, x), loader, device, "images", len(loader))
+    text_features = _encode_texts(model, tokenizer, [t.text for t in texts], cfg.batch_size, device, "texts")
+    if segs is None:
+        return text_features, image_features, None
+    e = cfg.rerank
+    per_query = [
+        entity_texts(t.text, segs.get(t.query_id, []), e.max_entities, e.max_entity_words) for t in texts
+    ]
+    valid = torch.zeros(len(texts), e.max_entities, dtype=torch.bool)
+    for i, (prompts, _) in enumerate(per_query):
+        valid[i, : len(prompts)] = True
+    slots = []
+    for which, desc in ((0, "entity prompts"), (1, "masked captions")):
+        flat = [text for query in per_query for text in query[which]]  # only real slots are encoded
+        encoded = _encode_texts(model, tokenizer, flat, cfg.batch_size, device, desc)
+        slots.append(
+            encoded.new_zeros(*valid.shape, text_features.shape[1]).masked_scatter(valid[..., None], encoded)
+        )
+    return text_features, image_features, EntityFeatures(slots[0], slots[1], valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# features from reference JSONL files
+
+
+def _in_order(ids: list[str], wanted: list[str], path, what: str) -> np.ndarray:
+    """Row indices of ``wanted`` ids in ``ids``; every annotated id must have a feature."""
+    index = {key: i for i, key in enumerate(ids)}
+    missing = [key for key in wanted if key not in index]
+    if missing:
+        raise DataFormatError(
+            f"{path}: no feature for {what} {missing[0]} ({len(missing)} of {len(wanted)} missing)"
+        )
+    return np.array([index[key] for key in wanted], dtype=np.int64)
+
+
+def jsonl_features(cfg: DictConfig, texts: list[TestText], images: list[TestImage]):
+    """(text features, image features, entity features or None) from reference JSONL files."""
+    f = cfg.features
+    image_ids, image_rows = read_feature_jsonl(resolve_path(f.image_jsonl), "image_id")
+    text_ids, text_rows = read_feature_jsonl(resolve_path(f.text_jsonl), "query_id")
+    if image_rows.shape[1] != text_rows.shape[1]:
+        raise DataFormatError(
+            f"{f.image_jsonl}: {image_rows.shape[1]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
+        )
+    query_ids = [t.query_id for t in texts]
+    image_rows = image_rows[_in_order(image_ids, [im.image_id for im in images], f.image_jsonl, "image")]
+    text_rows = text_rows[_in_order(text_ids, query_ids, f.text_jsonl, "query")]
+    entities = None
+    if "egr" in cfg.rerank.stages:
+        slots = []
+        for key in ("prompt_jsonl", "mask_jsonl"):
+            ids, rows, valid = read_entity_feature_jsonl(resolve_path(f[key]), cfg.rerank.max_entities)
+            if rows.shape[2] not in (0, text_rows.shape[1]):
+                raise DataFormatError(
+                    f"{f[key]}: {rows.shape[2]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
+                )
+            order = _in_order(ids, query_ids, f[key], "query")
+            rows = (
+                rows[order]
+                if rows.shape[2]
+                else np.zeros((len(order), rows.shape[1], text_rows.shape[1]), np.float32)
+            )
+            slots.append((torch.from_numpy(rows), torch.from_numpy(valid[order])))
+        if not torch.equal(slots[0][1].sum(1), slots[1][1].sum(1)):
+            raise DataFormatError(
+                f"{f.prompt_jsonl} and {f.mask_jsonl} list different numbers of entities per query"
+            )
+        entities = EntityFeatures(slots[0][0], slots[1][0], slots[0][1])
+    return torch.from_numpy(text_rows), torch.from_numpy(image_rows), entities
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Incompatible or missing settings fail before any work, naming the key."""
+    f = cfg.features
+    if bool(f.image_jsonl) != bool(f.text_jsonl):
+        raise ValueError("features.image_jsonl and features.text_jsonl go together: give both or neither")
+    if f.image_jsonl and "egr" in cfg.rerank.stages and not (f.prompt_jsonl and f.mask_jsonl):
+        raise ValueError(
+            f"rerank={'+'.join(cfg.rerank.stages)} needs entity features: set features.prompt_jsonl and "
+            "features.mask_jsonl, or extract them with a model (drop features.*)"
+        )
+    for key in ("image_jsonl", "text_jsonl", "prompt_jsonl", "mask_jsonl"):
+        if f[key] and not resolve_path(f[key]).is_file():
+            raise FileNotFoundError(f"features.{key}={f[key]}: file not found")
+
+
+def load_test_set(cfg: DictConfig) -> TestSet:
+    """Annotations, ground-truth checks, and features (from a model or from JSONL files)."""
+    check_config(cfg)
+    from_files = bool(cfg.features.image_jsonl)
+    a = cfg.annotations
+    layout = None if from_files and a.images and a.texts else ensure_data(cfg.data)
+    texts_file = resolve_path(a.texts) if a.texts else layout.test_texts
+    images_file = resolve_path(a.images) if a.images else layout.test_images
+    texts, images = read_test_texts(texts_file), read_test_images(images_file)
+    positives = ground_truth(texts, images, (texts_file, images_file))  # fails early on inconsistent ids
+    if from_files:
+        return TestSet(texts, images, positives, *jsonl_features(cfg, texts, images))
+    segs = None
+    if "egr" in cfg.rerank.stages:
+        segs = read_text_segs(resolve_path(a.text_segs) if a.text_segs else layout.test_text_segs)
+    return TestSet(texts, images, positives, *model_features(cfg, texts, images, segs, layout))
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Extract features, search both directions, score and write every output; return results."""
+    """Extract (or read) features, rank and re-rank both directions, score, write every output."""
     L.seed_everything(cfg.seed, verbose=False)
     out = Path(cfg.output_dir)
+    data = load_test_set(cfg)
     device = resolve_device(cfg.device)
-    layout = ensure_data(cfg.data)
-    texts = read_test_texts(layout.test_texts)
-    images = read_test_images(layout.test_images)
-    positives = ground_truth(texts, images, layout)
-    image_ids = [im.image_id for im in images]
-    npz = NpzImages(layout.images_npz("test"), layout.image_size)
-    npz.require(image_ids, "test image_id")
-
-    pretrained = str(resolve_path(cfg.ckpt_path)) if cfg.ckpt_path else cfg.model.pretrained
-    model = create_clip(cfg.model.name, pretrained).to(device).eval()
-    text_features, image_features = encode_test_set(
-        model, get_tokenizer(cfg.model.name), texts, npz, image_ids, cfg.batch_size, device
+    r = cfg.rerank
+    entities = data.entities
+    if entities is not None:
+        entities = EntityFeatures(
+            entities.prompts.to(device), entities.masks.to(device), entities.valid.to(device)
+        )
+    lists = rank_stages(
+        data.text_features.to(device),
+        data.image_features.to(device),
+        list(r.stages),
+        r.k,
+        entities,
+        depth=r.get("depth", 128),
+        absent_rank=r.get("absent_rank", 10000),
+        text_to_image=OmegaConf.to_container(r.text_to_image) if "text_to_image" in r else None,
+        image_to_text=OmegaConf.to_container(r.image_to_text) if "image_to_text" in r else None,
     )
-    query_ids = [t.query_id for t in texts]
-
-    k = max(cfg.rerank.k, max(KS))
-    ranked = {
-        "text_to_image": topk_similarity(text_features.to(device), image_features.to(device), k)[1].cpu(),
-        "image_to_text": topk_similarity(image_features.to(device), text_features.to(device), k)[1].cpu(),
+    results = {
+        stage: summarise(*(recall_at_k(ranked[d].cpu(), data.positives[d]) for d in DIRECTIONS))
+        for stage, ranked in lists.items()
     }
-    results = {"raw": summarise(*(recall_at_k(ranked[d], positives[d]) for d in DIRECTIONS))}
 
-    save_features(out / "features", "images", image_ids, image_features)
-    save_features(out / "features", "texts", query_ids, text_features)
+    query_ids = [t.query_id for t in data.texts]
+    image_ids = [im.image_id for im in data.images]
+    save_features(out / "features", "images", image_ids, data.image_features)
+    save_features(out / "features", "texts", query_ids, data.text_features)
+    if data.entities is not None:
+        save_features(out / "features", "entity_prompts", query_ids, data.entities.prompts)
+        save_features(out / "features", "entity_masks", query_ids, data.entities.masks)
+        save_features(out / "features", "entity_valid", query_ids, data.entities.valid.float())
     names = {
         "text_to_image": (query_ids, image_ids, "query_id"),
         "image_to_text": (image_ids, query_ids, "image_id"),
     }
-    for stage, stage_ranked in {"raw": ranked}.items():
+    for stage, ranked in lists.items():
         for direction in DIRECTIONS:
             queries, items, id_key = names[direction]
-            lists = [[items[i] for i in row] for row in stage_ranked[direction].tolist()]
+            rows = [[items[i] for i in row if i >= 0] for row in ranked[direction].tolist()]
             write_jsonl(
-                out / "predictions" / f"{stage}_{direction}.jsonl", prediction_rows(id_key, queries, lists)
+                out / "predictions" / f"{stage}_{direction}.jsonl", prediction_rows(id_key, queries, rows)
             )
             write_json(
                 out / "evaluation" / f"{stage}_{direction}.json", evaluation_json(results[stage][direction])
@@ -143,7 +289,8 @@ def format_table(results: dict) -> str:
         for direction in DIRECTIONS:
             r = block[direction]
             lines.append(
-                f"{stage:<13}{direction:<15}{r['r1']:>7.1f}{r['r5']:>7.1f}{r['r10']:>7.1f}{r['mean_recall']:>7.1f}{block['rsum']:>8.1f}"
+                f"{stage:<13}{direction:<15}{r['r1']:>7.1f}{r['r5']:>7.1f}{r['r10']:>7.1f}"
+                f"{r['mean_recall']:>7.1f}{block['rsum']:>8.1f}"
             )
     return "\n".join(lines)
 
@@ -153,7 +300,7 @@ def main(cfg: DictConfig) -> float:
     results = evaluate(cfg)
     print(format_table(results))
     print(f"results: {Path(cfg.output_dir) / 'results.json'}")
-    return results["raw"]["rsum"]
+    return results[list(results)[-1]]["rsum"]
 
 
 if __name__ == "__main__":

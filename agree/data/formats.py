@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
+
+from agree.io import atomic_path
 
 PROMPT_TEMPLATE = "a photo containing {entity}"
 NO_GROUNDING_LABEL = "object"
@@ -391,3 +394,101 @@ def evaluation_json(recall: dict[str, float]) -> dict:
             "r10": recall["r10"],
         },
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# feature files (reference JSONL interchange)
+
+
+def _feature_rows(path: str | os.PathLike, id_key: str):
+    """Yield (line number, canonical id, float32 array) of a feature JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                try:  # Python's json writes NaN/Infinity, which orjson rejects: report them as such below
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataFormatError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            _check_fields(obj, {id_key: (int, str), "feature": list}, where)
+            try:
+                array = np.asarray(obj["feature"], dtype=np.float32)
+            except (ValueError, TypeError):
+                raise DataFormatError(
+                    f"{where}: 'feature' is not a (list of) equal-length number lists"
+                ) from None
+            if not np.isfinite(array).all():
+                raise DataFormatError(
+                    f"{where}: {id_key} {obj[id_key]}: feature contains NaN or infinite values"
+                )
+            yield number, canonical_id(obj[id_key]), array
+
+
+def read_feature_jsonl(path: str | os.PathLike, id_key: str) -> tuple[list[str], np.ndarray]:
+    """``{"image_id": "9", "feature": [...]}`` lines -> (ids, float32 [N, D])."""
+    ids, rows = [], []
+    for number, key, array in _feature_rows(path, id_key):
+        if array.ndim != 1 or (rows and array.shape != rows[0].shape):
+            expected = rows[0].shape if rows else "(D,)"
+            raise DataFormatError(f"{path}:{number}: feature of shape {array.shape}, expected {expected}")
+        ids.append(key)
+        rows.append(array)
+    if not rows:
+        raise DataFormatError(f"{path}: no records")
+    _check_unique(ids, path, id_key)
+    return ids, np.stack(rows)
+
+
+def read_entity_feature_jsonl(
+    path: str | os.PathLike, max_entities: int
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``{"query_id": 8, "feature": [[...], ...]}`` lines (a vector per entity) -> (ids, [N, E, D], valid [N, E]).
+
+    Queries with more than ``max_entities`` vectors keep the first ones; fewer are padded (zeros,
+    marked invalid).
+    """
+    ids, rows, dim = [], [], None
+    for number, key, array in _feature_rows(path, "query_id"):
+        if array.size == 0:
+            array = array.reshape(0, dim or 0)
+        if array.ndim != 2 or (dim is not None and array.shape[1] != dim and len(array)):
+            raise DataFormatError(
+                f"{path}:{number}: entity features of shape {array.shape}, expected (E, {dim or 'D'})"
+            )
+        dim = dim if dim is not None or not len(array) else array.shape[1]
+        ids.append(key)
+        rows.append(array[:max_entities])
+    if not rows:
+        raise DataFormatError(f"{path}: no records")
+    _check_unique(ids, path, "query_id")
+    features = np.zeros((len(rows), max_entities, dim or 0), dtype=np.float32)
+    valid = np.zeros((len(rows), max_entities), dtype=bool)
+    for i, array in enumerate(rows):
+        if len(array):
+            features[i, : len(array)] = array
+            valid[i, : len(array)] = True
+    return ids, features, valid
+
+
+def write_feature_jsonl(
+    path: str | os.PathLike,
+    id_key: str,
+    ids: list[str],
+    features: np.ndarray,
+    valid: np.ndarray | None = None,
+) -> None:
+    """Write features in the reference JSONL format (a list of vectors per row when ``valid`` is given)."""
+    as_key = str if id_key == "image_id" else _json_id
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for i, key in enumerate(ids):
+            row = features[i] if valid is None else features[i][valid[i]]
+            f.write(
+                orjson.dumps({id_key: as_key(key), "feature": row}, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+            )

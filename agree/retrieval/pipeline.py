@@ -1,0 +1,77 @@
+"""Search and re-ranking stages in both directions, from features to ranked index lists."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from agree.retrieval.rerank import egr_image_to_text, egr_text_to_image, tbr
+from agree.retrieval.search import topk_similarity
+
+STAGES = ("egr", "tbr")
+
+
+@dataclass
+class EntityFeatures:
+    """Per caption: entity-prompt and entity-masked-caption features, and which slots are real."""
+
+    prompts: torch.Tensor  # [T, E, D]
+    masks: torch.Tensor  # [T, E, D]
+    valid: torch.Tensor  # [T, E] bool
+
+
+def rank_stages(
+    texts: torch.Tensor,
+    images: torch.Tensor,
+    stages: Sequence[str],
+    k: int,
+    entities: EntityFeatures | None = None,
+    depth: int = 128,
+    absent_rank: int = 10000,
+    text_to_image: dict | None = None,
+    image_to_text: dict | None = None,
+    min_raw_k: int = 10,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Ranked lists per stage: ``{"raw": {...}, "egr": {...}, "tbr": {...}}`` for the stages asked.
+
+    Each holds ``text_to_image`` [T, k] image indices and ``image_to_text`` [I, k] caption
+    indices. Raw lists have at least ``min_raw_k`` entries; each stage works on the previous
+    stage's lists (TBR's reverse lists are the other direction's lists of the same stage).
+    """
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown re-ranking stage {unknown}; stages are {list(STAGES)}")
+    if "egr" in stages and entities is None:
+        raise ValueError("EGR needs entity features (prompts and masked captions)")
+    raw_k = max(k, min_raw_k)
+    lists = {
+        "raw": {
+            "text_to_image": topk_similarity(texts, images, raw_k)[1],
+            "image_to_text": topk_similarity(images, texts, raw_k)[1],
+        }
+    }
+    current = {d: ranked[:, :k] for d, ranked in lists["raw"].items()}
+    for stage in stages:
+        if stage == "egr":
+            e = entities
+            current = {
+                "text_to_image": egr_text_to_image(
+                    texts, images, e.prompts, e.masks, e.valid, k, depth, **(text_to_image or {})
+                ),
+                "image_to_text": egr_image_to_text(
+                    images, texts, e.prompts, e.masks, e.valid, k, depth, **(image_to_text or {})
+                ),
+            }
+        else:
+            current = {
+                "text_to_image": tbr(
+                    current["text_to_image"], current["image_to_text"], absent_rank=absent_rank
+                ),
+                "image_to_text": tbr(
+                    current["image_to_text"], current["text_to_image"], absent_rank=absent_rank
+                ),
+            }
+        lists[stage] = current
+    return lists

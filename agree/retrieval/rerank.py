@@ -1,0 +1,260 @@
+"""Re-rankers over top-k candidate lists: TBR (bi-directional ranks) and EGR (textual entities).
+
+Every function is vectorised over queries and processes them in chunks to bound memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from agree.retrieval.search import topk_similarity
+
+# TBR gathers [chunk, k, kb] backward entries: at most 4M elements (about 70 MB with the masks).
+_TBR_ELEMENTS = 1 << 22
+# Text->image EGR scores [chunk, 2, G] entity sums against the gallery: 4M float32 = 16 MB.
+_T2I_ELEMENTS = 1 << 22
+# Image->text EGR: queries per chunk (pair scores of one chunk: 4096 x 128 x 11 float32 = 23 MB) ...
+_I2T_CHUNK = 4096
+# ... and at most this many gathered query rows plus feature rows per gallery bucket
+# (2048 x 768 float32 = 6 MB; staying small lets the allocator reuse the blocks).
+_PAIR_ROWS = 2048
+
+
+def tbr(forward: torch.Tensor, backward: torch.Tensor, *, absent_rank: int = 10000) -> torch.Tensor:
+    """Text-image bi-directional re-ranking of forward top-k lists.
+
+    `forward[q]` lists gallery indices best first (-1 pads short lists); `backward[g]` lists
+    query indices for gallery item g, best first (-1 pads). Ranks are 0-based. A query whose
+    forward top-1 lists it at position 0 keeps its list; any other list is stably sorted by
+    forward_rank + backward_rank ascending (the same order as their mean), backward_rank being
+    q's first position in `backward[p]`, or `absent_rank` when q is not in it, so ties keep
+    forward order. Padding stays at the end.
+    """
+    if forward.dim() != 2 or backward.dim() != 2:
+        raise ValueError(
+            f"forward and backward must be 2-D, got shapes {tuple(forward.shape)} and {tuple(backward.shape)}"
+        )
+    if backward.shape[1] < 1:
+        raise ValueError(f"backward lists must have at least one entry, got shape {tuple(backward.shape)}")
+    k, kb = forward.shape[1], backward.shape[1]
+    device = forward.device
+    forward_rank = torch.arange(k, device=device)
+    backward_pos = torch.arange(kb, device=device)
+    padded = torch.iinfo(torch.int64).max
+    chunk = max(1, _TBR_ELEMENTS // max(1, k * kb))
+    out = []
+    for start in range(0, forward.shape[0], chunk):
+        lists = forward[start : start + chunk]
+        query = torch.arange(start, start + lists.shape[0], device=device)[:, None]
+        present = lists >= 0
+        back = backward[lists.clamp(min=0)]  # [c, k, kb]
+        hit = back == query[:, :, None]
+        first_hit = torch.where(hit, backward_pos, kb).amin(dim=2)
+        backward_rank = torch.where(first_hit < kb, first_hit, absent_rank)
+        key = torch.where(present, forward_rank + backward_rank, padded)
+        keep = present[:, 0] & hit[:, 0, 0]
+        key = torch.where(keep[:, None], forward_rank, key)
+        order = torch.sort(key, dim=1, stable=True).indices
+        out.append(lists.gather(1, order))
+    if not out:
+        return forward.clone()
+    return torch.cat(out)
+
+
+def _rank_candidates(candidates: torch.Tensor, keys: list[torch.Tensor], k: int) -> torch.Tensor:
+    """Stable-sort each candidate row by every key in turn, descending; keep the first k.
+
+    Sorting by the keys one after another ties each sort back to the order before it.
+    """
+    order = torch.arange(candidates.shape[1], device=candidates.device).expand_as(candidates)
+    for key in keys:
+        perm = torch.sort(key.gather(1, order), dim=1, descending=True, stable=True).indices
+        order = order.gather(1, perm)
+    return candidates.gather(1, order[:, :k])
+
+
+def _valid_sum(features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Sum of the valid entity vectors of [N, E, D] features: [N, D] float32.
+
+    Padded slots are multiplied by zero, which gives exact zeros for any finite content.
+    """
+    return torch.bmm(valid[:, None, :].float(), features.float()).squeeze(1)
+
+
+def _check_egr_inputs(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    prompts: torch.Tensor,
+    masks: torch.Tensor,
+    valid: torch.Tensor,
+    entity_rows: int,
+    k: int,
+    depth: int,
+) -> None:
+    if queries.dim() != 2 or gallery.dim() != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"expected [Q, D] and [G, D] features, got {tuple(queries.shape)} and {tuple(gallery.shape)}"
+        )
+    entity_shape = (entity_rows, valid.shape[1] if valid.dim() == 2 else -1, queries.shape[1])
+    if valid.dim() != 2 or valid.shape[0] != entity_rows or valid.dtype != torch.bool:
+        raise ValueError(
+            f"valid must be a bool [{entity_rows}, E] tensor, got {valid.dtype} {tuple(valid.shape)}"
+        )
+    if tuple(prompts.shape) != entity_shape or tuple(masks.shape) != entity_shape:
+        raise ValueError(
+            f"prompts and masks must have shape {entity_shape}, "
+            f"got {tuple(prompts.shape)} and {tuple(masks.shape)}"
+        )
+    if k < 1 or depth < 1:
+        raise ValueError(f"k and depth must be >= 1, got {k} and {depth}")
+
+
+def egr_text_to_image(
+    texts: torch.Tensor,
+    images: torch.Tensor,
+    prompts: torch.Tensor,
+    masks: torch.Tensor,
+    valid: torch.Tensor,
+    k: int,
+    depth: int = 128,
+    *,
+    raw_weight: float = 0.9,
+    mask_weight: float = 0.1,
+    base_weight: float = 0.99,
+    prompt_weight: float = 0.01,
+) -> torch.Tensor:
+    """Entity-guided re-ranking of caption queries over images: [Q, min(k, depth, G)] image indices.
+
+    texts [Q, D], images [G, D]; prompts / masks [Q, E, D] hold each caption's entity-prompt and
+    entity-masked-caption features, `valid` [Q, E] marks real slots (padded slots may hold any
+    finite values and never contribute). For the top-`depth` images v by s(t, v):
+        base  = raw_weight * s(t, v) + mask_weight * sum_{valid j} (s(t, v) - s(m_j, v))
+        score = base_weight * base + prompt_weight * mean_{valid j} s(e_j, v)
+    Candidates start in search order (score descending, lower index first), are stably sorted
+    by base, then by score, both descending. A caption without valid entities has a zero mask
+    sum and a mean term of 0, so it keeps its search order.
+
+    Both entity terms are linear in the entity features, so each caption's valid mask and
+    prompt vectors are summed first; the two sums are scored against the whole gallery with
+    one matrix product per query chunk (about twice the cost of the search itself), which on
+    CPU is much cheaper than gathering `depth` candidate vectors per caption.
+    """
+    _check_egr_inputs(texts, images, prompts, masks, valid, texts.shape[0], k, depth)
+    raw, candidates = topk_similarity(texts, images, depth)
+    images = images.float()
+    chunk = max(1, _T2I_ELEMENTS // max(1, 2 * images.shape[0]))
+    out = []
+    for start in range(0, texts.shape[0], chunk):
+        stop = start + chunk
+        chunk_valid = valid[start:stop]
+        sums = torch.cat(
+            [_valid_sum(masks[start:stop], chunk_valid), _valid_sum(prompts[start:stop], chunk_valid)]
+        )
+        dense = (sums @ images.T).view(2, chunk_valid.shape[0], images.shape[0])
+        picked = candidates[start:stop]
+        mask_scores, prompt_scores = dense.gather(2, picked.expand(2, -1, -1)).unbind(0)
+        chunk_raw = raw[start:stop]
+        count = chunk_valid.sum(dim=1, keepdim=True)
+        base = raw_weight * chunk_raw + mask_weight * (count * chunk_raw - mask_scores)
+        score = base_weight * base + prompt_weight * prompt_scores / count.clamp(min=1)
+        out.append(_rank_candidates(candidates[start:stop], [base, score], k))
+    if not out:
+        return candidates[:, :k]
+    return torch.cat(out)
+
+
+def _pair_scores(
+    queries: torch.Tensor, candidates: torch.Tensor, gallery_features: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Dot products of each query with every feature vector of each of its candidates.
+
+    queries [Q, D] float32, candidates [Q, n] gallery indices, `gallery_features` a sequence of
+    [G, F_i, D] tensors. Returns [Q, n, sum F_i] float32. Query-candidate pairs are grouped by
+    gallery item, so each item's features are read once and multiplied with all the queries
+    that picked it; items are batched in decreasing pair count so padding stays small.
+    """
+    n_queries, n = candidates.shape
+    device = queries.device
+    n_features = sum(features.shape[1] for features in gallery_features)
+    flat = candidates.reshape(-1)
+    counts = torch.bincount(flat, minlength=gallery_features[0].shape[0])
+    items = torch.argsort(counts, descending=True, stable=True)
+    items = items[: int((counts > 0).sum())]
+    item_counts = counts[items]
+    slot = torch.empty_like(counts)
+    slot[items] = torch.arange(len(items), device=device)
+    pair_slot, pair_order = torch.sort(slot[flat], stable=True)
+    slot_start = torch.cumsum(item_counts, 0) - item_counts
+    pair_pos = torch.arange(flat.numel(), device=device) - slot_start[pair_slot]
+    pair_query = pair_order // n
+
+    results = queries.new_empty((flat.numel(), n_features))
+    counts_list = item_counts.tolist()
+    starts_list = slot_start.tolist() + [flat.numel()]
+    first = 0
+    while first < len(items):
+        width = counts_list[first]
+        n_items = max(1, _PAIR_ROWS // (width + n_features))
+        last = min(first + n_items, len(items))
+        lo, hi = starts_list[first], starts_list[last]
+        rows, cols = pair_slot[lo:hi] - first, pair_pos[lo:hi]
+        grid = torch.zeros(last - first, width, dtype=torch.int64, device=device)
+        grid[rows, cols] = pair_query[lo:hi]
+        gathered = queries[grid]  # [items, width, D]
+        bucket = items[first:last]
+        block = torch.cat(
+            [torch.bmm(gathered, features[bucket].float().transpose(1, 2)) for features in gallery_features],
+            dim=2,
+        )
+        results[pair_order[lo:hi]] = block[rows, cols]
+        first = last
+    return results.view(n_queries, n, n_features)
+
+
+def egr_image_to_text(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    prompts: torch.Tensor,
+    masks: torch.Tensor,
+    valid: torch.Tensor,
+    k: int,
+    depth: int = 128,
+    *,
+    raw_weight: float = 0.8,
+    prompt_weight: float = 0.2,
+    base_weight: float = 0.98,
+    mask_weight: float = 0.02,
+) -> torch.Tensor:
+    """Entity-guided re-ranking of image queries over captions: [Q, min(k, depth, G)] caption indices.
+
+    images [Q, D], texts [G, D]; prompts / masks [G, E, D] hold each caption's entity-prompt and
+    entity-masked-caption features, `valid` [G, E] marks real slots (padded slots may hold any
+    finite values and never contribute). For the top-`depth` captions t by s(v, t):
+        base  = raw_weight * s(v, t) + prompt_weight * mean_{valid j} s(v, e_j)
+        score = base_weight * base + mask_weight * sum_{valid j} min(0, s(v, t) - s(v, m_j))
+    Candidates start in search order (score descending, lower index first), are stably sorted
+    by base, then by score, both descending. A caption without valid entities gets a mean term
+    of 0 and a zero mask sum. The prompt sum is linear in the features, so it is taken over each
+    caption's prompt vectors first and dotted with the image.
+    """
+    _check_egr_inputs(images, texts, prompts, masks, valid, texts.shape[0], k, depth)
+    all_raw, all_candidates = topk_similarity(images, texts, depth)
+    prompt_sums = _valid_sum(prompts, valid)
+    counts = valid.sum(dim=1).clamp(min=1)
+    n_entities = valid.shape[1]
+    out = []
+    for start in range(0, images.shape[0], _I2T_CHUNK):
+        stop = start + _I2T_CHUNK
+        raw, candidates = all_raw[start:stop], all_candidates[start:stop]
+        queries = images[start:stop].float()
+        scores = _pair_scores(queries, candidates, [masks, prompt_sums[:, None]])
+        base = raw_weight * raw + prompt_weight * scores[..., n_entities] / counts[candidates]
+        drops = (raw[..., None] - scores[..., :n_entities]).clamp(max=0)
+        penalty = torch.where(valid[candidates], drops, 0.0).sum(dim=2)
+        score = base_weight * base + mask_weight * penalty
+        out.append(_rank_candidates(candidates, [base, score], k))
+    if not out:
+        return all_candidates[:, :k]
+    return torch.cat(out)
