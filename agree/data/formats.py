@@ -449,7 +449,9 @@ def read_feature_jsonl(path: str | os.PathLike, id_key: str) -> tuple[list[str],
 def read_entity_feature_jsonl(
     path: str | os.PathLike, max_entities: int
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``{"query_id": 8, "feature": [[...], ...]}`` lines (a vector per entity) -> (ids, [N, E, D], valid [N, E]).
+    """``{"query_id": 8, "feature": [[...], ...]}`` lines, a vector per entity -> (ids, [N, E, D], valid).
+
+    ``valid`` [N, E] marks the real slots.
 
     Queries with more than ``max_entities`` vectors keep the first ones; fewer are padded (zeros,
     marked invalid).
