@@ -30,7 +30,8 @@ demo: install
 	$(PY) -m agree.demo $(DEMO_DIR)
 
 bench: install
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench_training_step.py
+	$(PY) scripts/bench_retrieval.py
 
 clean:
 	rm -rf outputs multirun data/scenes-*
