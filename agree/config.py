@@ -53,3 +53,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
+
+
+def loss_weights_preset(name: str) -> dict[str, float]:
+    """The weights of a ``losses`` config group option (``clip``, ``agree``)."""
+    path = Path(__file__).parent / "conf" / "losses" / f"{name}.yaml"
+    return {key: float(value) for key, value in OmegaConf.load(path).items()}

@@ -20,21 +20,15 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from agree.config import loss_weights_preset  # noqa: E402
 from agree.data.datamodule import AgreeDataModule  # noqa: E402
 from agree.data.datasets import inputs_for  # noqa: E402
 from agree.data.synthetic import SceneConfig, generate  # noqa: E402
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer  # noqa: E402
 from agree.model.module import agree_losses  # noqa: E402
 
-AGREE = {
-    "clip": 0.9,
-    "prompt": 0.03,
-    "text_mask": 0.1,
-    "vg_contrast": 0.03,
-    "vg_mask": 0.15,
-    "ground_mask": 0.1,
-}
-CLIP = {name: (1.0 if name == "clip" else 0.0) for name in AGREE}
+AGREE = loss_weights_preset("agree")
+CLIP = loss_weights_preset("clip")
 
 
 def timed(fn, repeats: int) -> float:

@@ -6,20 +6,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from agree.config import loss_weights_preset
 from agree.data.datamodule import AgreeDataModule
 from agree.data.datasets import CollateTrain, EntitySources, TrainCaptions, inputs_for
 from agree.data.formats import DataFormatError, NpzImages, ReleaseLayout, TrainRecord
 from agree.model.clip import create_clip, get_tokenizer
 from agree.model.module import agree_losses
 
-WEIGHTS = {
-    "clip": 0.9,
-    "prompt": 0.03,
-    "text_mask": 0.1,
-    "vg_contrast": 0.03,
-    "vg_mask": 0.15,
-    "ground_mask": 0.1,
-}
+WEIGHTS = loss_weights_preset("agree")
 ENTITY_LOSSES = [name for name in WEIGHTS if name != "clip"]
 MARGIN_LOSSES = ["text_mask", "vg_mask", "ground_mask"]
 
