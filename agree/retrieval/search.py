@@ -26,9 +26,16 @@ def _tile_topk(scores: torch.Tensor, offset: int, k: int) -> torch.Tensor:
     A plain float top-k is exact except in rows where the k-th score ties with scores
     that were left out; only those rows are redone on packed keys.
     """
-    values, indices = scores.topk(k, dim=1)
+    if k < scores.shape[1]:
+        # one extra candidate: the best score left out; a row whose k-th score equals it has a tie
+        # cut by the boundary (much cheaper than counting the scores >= the k-th one)
+        values, indices = scores.topk(k + 1, dim=1)
+        cut_ties = values[:, k] == values[:, k - 1]
+        values, indices = values[:, :k], indices[:, :k]
+    else:
+        values, indices = scores.topk(k, dim=1)
+        cut_ties = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
     keys = _pack(values, indices + offset)
-    cut_ties = (scores >= values[:, -1:]).sum(dim=1) > k
     if cut_ties.any():
         rows = cut_ties.nonzero().squeeze(1)
         all_indices = torch.arange(offset, offset + scores.shape[1], device=scores.device)
