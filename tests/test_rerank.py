@@ -1,9 +1,11 @@
 """TBR and EGR against plain per-query loops that follow the method description literally."""
 
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from agree.retrieval import rerank
 from agree.retrieval.rerank import egr_image_to_text, egr_text_to_image, tbr
@@ -235,6 +237,7 @@ def test_egr_defaults_are_the_published_ones() -> None:
         "mask_weight": 0.1,
         "base_weight": 0.99,
         "prompt_weight": 0.01,
+        "search": None,
     }
     assert defaults(egr_image_to_text) == {
         "depth": 128,
@@ -242,7 +245,34 @@ def test_egr_defaults_are_the_published_ones() -> None:
         "prompt_weight": 0.2,
         "base_weight": 0.98,
         "mask_weight": 0.02,
+        "search": None,
     }
+    # and the rerank=egr config states the same values
+    config = OmegaConf.load(Path(rerank.__file__).parents[1] / "conf" / "rerank" / "egr.yaml")
+    assert config.depth == 128
+    for fn, direction in ((egr_text_to_image, "text_to_image"), (egr_image_to_text, "image_to_text")):
+        assert {n: v for n, v in defaults(fn).items() if n.endswith("weight")} == dict(config[direction])
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_egr_reuses_a_deeper_search(seed: int) -> None:
+    """Candidates from a search deeper than `depth` give the same lists as EGR's own search."""
+    g = torch.Generator().manual_seed(seed)
+    texts, images, prompts, masks, valid = entity_data(g, 30, 12, 4, 8, ties=False)
+    own = egr_text_to_image(texts, images, prompts, masks, valid, 5, depth=9)
+    deeper = topk_similarity(texts, images, 11)
+    assert torch.equal(
+        egr_text_to_image(texts, images, prompts, masks, valid, 5, depth=9, search=deeper), own
+    )
+    own = egr_image_to_text(images, texts, prompts, masks, valid, 5, depth=9)
+    deeper = topk_similarity(images, texts, 20)
+    assert torch.equal(
+        egr_image_to_text(images, texts, prompts, masks, valid, 5, depth=9, search=deeper), own
+    )
+    with pytest.raises(ValueError, match="fewer than 9 candidates"):
+        egr_text_to_image(
+            texts, images, prompts, masks, valid, 5, depth=9, search=topk_similarity(texts, images, 4)
+        )
 
 
 @pytest.mark.parametrize("seed", SEEDS)

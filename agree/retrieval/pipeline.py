@@ -46,22 +46,38 @@ def rank_stages(
     if "egr" in stages and entities is None:
         raise ValueError("EGR needs entity features (prompts and masked captions)")
     raw_k = max(k, min_raw_k)
-    lists = {
-        "raw": {
-            "text_to_image": topk_similarity(texts, images, raw_k)[1],
-            "image_to_text": topk_similarity(images, texts, raw_k)[1],
-        }
+    search_k = max(raw_k, depth) if "egr" in stages else raw_k  # one search also feeds EGR's candidates
+    searched = {
+        "text_to_image": topk_similarity(texts, images, search_k),
+        "image_to_text": topk_similarity(images, texts, search_k),
     }
+    lists = {"raw": {d: ranked[:, :raw_k] for d, (_, ranked) in searched.items()}}
     current = {d: ranked[:, :k] for d, ranked in lists["raw"].items()}
     for stage in stages:
         if stage == "egr":
             e = entities
             current = {
                 "text_to_image": egr_text_to_image(
-                    texts, images, e.prompts, e.masks, e.valid, k, depth, **(text_to_image or {})
+                    texts,
+                    images,
+                    e.prompts,
+                    e.masks,
+                    e.valid,
+                    k,
+                    depth,
+                    search=searched["text_to_image"],
+                    **(text_to_image or {}),
                 ),
                 "image_to_text": egr_image_to_text(
-                    images, texts, e.prompts, e.masks, e.valid, k, depth, **(image_to_text or {})
+                    images,
+                    texts,
+                    e.prompts,
+                    e.masks,
+                    e.valid,
+                    k,
+                    depth,
+                    search=searched["image_to_text"],
+                    **(image_to_text or {}),
                 ),
             }
         else:

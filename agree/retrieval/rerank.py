@@ -83,6 +83,20 @@ def _valid_sum(features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.bmm(valid[:, None, :].float(), features.float()).squeeze(1)
 
 
+def _candidates(
+    queries: torch.Tensor, gallery: torch.Tensor, depth: int, search: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-``depth`` (scores, indices) per query: from ``search`` when given (at least that deep)."""
+    if search is None:
+        return topk_similarity(queries, gallery, depth)
+    depth = min(depth, gallery.shape[0])
+    if search[1].shape != (queries.shape[0], search[1].shape[1]) or search[1].shape[1] < depth:
+        raise ValueError(
+            f"search results of shape {tuple(search[1].shape)} hold fewer than {depth} candidates per query"
+        )
+    return search[0][:, :depth], search[1][:, :depth]
+
+
 def _check_egr_inputs(
     queries: torch.Tensor,
     gallery: torch.Tensor,
@@ -124,6 +138,7 @@ def egr_text_to_image(
     mask_weight: float = 0.1,
     base_weight: float = 0.99,
     prompt_weight: float = 0.01,
+    search: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Entity-guided re-ranking of caption queries over images: [Q, min(k, depth, G)] image indices.
 
@@ -142,7 +157,7 @@ def egr_text_to_image(
     CPU is much cheaper than gathering `depth` candidate vectors per caption.
     """
     _check_egr_inputs(texts, images, prompts, masks, valid, texts.shape[0], k, depth)
-    raw, candidates = topk_similarity(texts, images, depth)
+    raw, candidates = _candidates(texts, images, depth, search)
     images = images.float()
     chunk = max(1, _T2I_ELEMENTS // max(1, 2 * images.shape[0]))
     out = []
@@ -226,6 +241,7 @@ def egr_image_to_text(
     prompt_weight: float = 0.2,
     base_weight: float = 0.98,
     mask_weight: float = 0.02,
+    search: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Entity-guided re-ranking of image queries over captions: [Q, min(k, depth, G)] caption indices.
 
@@ -240,7 +256,7 @@ def egr_image_to_text(
     caption's prompt vectors first and dotted with the image.
     """
     _check_egr_inputs(images, texts, prompts, masks, valid, texts.shape[0], k, depth)
-    all_raw, all_candidates = topk_similarity(images, texts, depth)
+    all_raw, all_candidates = _candidates(images, texts, depth, search)
     prompt_sums = _valid_sum(prompts, valid)
     counts = valid.sum(dim=1).clamp(min=1)
     n_entities = valid.shape[1]
