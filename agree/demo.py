@@ -2,6 +2,9 @@
 
     python -m agree.demo [OUT_DIR] [key=value ...]     (what `make demo` runs)
 
+The second evaluation re-ranks (EGR, then TBR); the demo ends by writing its HTML report
+(``OUT_DIR/after/report.html``, see ``agree.report``) and printing the path.
+
 Extra ``key=value`` overrides apply to the training; those of ``model``, ``data`` and ``seed``
 also to both evaluations.
 """
@@ -15,6 +18,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 
 from agree.evaluate import evaluate, format_table
+from agree.report import write_report
 from agree.train import train
 
 
@@ -25,10 +29,8 @@ def run(out_dir: Path, overrides: list[str]) -> dict:
         shared = [o for o in overrides if o.split(".")[0].split("=")[0] in ("model", "data", "seed")]
         before = evaluate(compose("evaluate", [f"output_dir={out_dir / 'before'}", *shared]))
         train(train_cfg)
-        ckpt = out_dir / "train" / "checkpoints" / "last.ckpt"
-        after = evaluate(
-            compose("evaluate", [f"output_dir={out_dir / 'after'}", f"ckpt_path={ckpt}", *shared])
-        )
+        fine_tuned = [f"ckpt_path={out_dir / 'train' / 'checkpoints' / 'last.ckpt'}", "rerank=egr_tbr"]
+        after = evaluate(compose("evaluate", [f"output_dir={out_dir / 'after'}", *fine_tuned, *shared]))
     return {"before": before, "after": after}
 
 
@@ -40,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     results = run(out_dir, overrides)
     table = {"random init": results["before"]["raw"], "fine-tuned": results["after"]["raw"]}
     print(format_table(table))
+    report = write_report(out_dir / "after")
     print(f"demo finished in {time.perf_counter() - start:.0f} s; outputs in {out_dir}")
+    print(f"report: {report}")
 
 
 if __name__ == "__main__":

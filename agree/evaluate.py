@@ -5,7 +5,8 @@
 Features come from a model (a checkpoint or ``model.pretrained``) or from reference JSONL
 feature files (``features.*``). Writes under ``output_dir``: ``features/`` (binary feature
 store), ``predictions/`` (reference JSONL per stage and direction), ``evaluation/`` (reference
-evaluation JSON per stage and direction) and ``results.json``.
+evaluation JSON per stage and direction), ``results.json`` and ``report_inputs.json`` (where
+``agree.report`` finds the annotations and test images).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from agree.checks import ConfigError, check_evaluate_config
 from agree.config import ensure_data, resolve_device, resolve_path
-from agree.data.datasets import ImageArrays
+from agree.data.datasets import ImageArrays, mask_entity
 from agree.data.formats import (
     PROMPT_TEMPLATE,
     DataFormatError,
     NpzImages,
+    ReleaseLayout,
     TestImage,
     TestText,
     evaluation_json,
@@ -54,6 +57,7 @@ class TestSet:
     text_features: torch.Tensor
     image_features: torch.Tensor
     entities: EntityFeatures | None = None
+    report_inputs: dict | None = None  # see report_inputs()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +102,7 @@ def entity_texts(
 ) -> tuple[list[str], list[str]]:
     """(prompts, masked captions) of a caption's usable entities."""
     kept = [e for e in entities if len(e.split(" ")) <= max_words][:max_entities]
-    return [PROMPT_TEMPLATE.format(entity=e) for e in kept], [caption.replace(e, "[MASK]") for e in kept]
+    return [PROMPT_TEMPLATE.format(entity=e) for e in kept], [mask_entity(caption, e) for e in kept]
 
 
 def _encode_texts(model, tokenizer, texts: list[str], batch_size: int, device, desc: str) -> torch.Tensor:
@@ -199,15 +203,27 @@ def check_config(cfg: DictConfig) -> None:
     """Incompatible or missing settings fail before any work, naming the key."""
     f = cfg.features
     if bool(f.image_jsonl) != bool(f.text_jsonl):
-        raise ValueError("features.image_jsonl and features.text_jsonl go together: give both or neither")
+        raise ConfigError("features.image_jsonl and features.text_jsonl go together: give both or neither")
     if f.image_jsonl and "egr" in cfg.rerank.stages and not (f.prompt_jsonl and f.mask_jsonl):
-        raise ValueError(
+        raise ConfigError(
             f"rerank={'+'.join(cfg.rerank.stages)} needs entity features: set features.prompt_jsonl and "
             "features.mask_jsonl, or extract them with a model (drop features.*)"
         )
     for key in ("image_jsonl", "text_jsonl", "prompt_jsonl", "mask_jsonl"):
         if f[key] and not resolve_path(f[key]).is_file():
-            raise FileNotFoundError(f"features.{key}={f[key]}: file not found")
+            raise ConfigError(f"features.{key}={f[key]}: file not found")
+    check_evaluate_config(cfg)
+
+
+def report_inputs(texts_file: Path, images_file: Path, layout: ReleaseLayout | None) -> dict:
+    """Where ``agree.report`` finds the ground truth and the test images (absolute paths; no npz: None)."""
+    npz = layout.images_npz("test") if layout is not None else None
+    return {
+        "texts": str(texts_file),
+        "images": str(images_file),
+        "images_npz": str(npz) if npz is not None and npz.is_file() else None,
+        "image_size": layout.image_size if layout is not None else None,
+    }
 
 
 def load_test_set(cfg: DictConfig) -> TestSet:
@@ -220,12 +236,14 @@ def load_test_set(cfg: DictConfig) -> TestSet:
     images_file = resolve_path(a.images) if a.images else layout.test_images
     texts, images = read_test_texts(texts_file), read_test_images(images_file)
     positives = ground_truth(texts, images, (texts_file, images_file))  # fails early on inconsistent ids
+    inputs = report_inputs(texts_file, images_file, layout)
     if from_files:
-        return TestSet(texts, images, positives, *jsonl_features(cfg, texts, images))
+        return TestSet(texts, images, positives, *jsonl_features(cfg, texts, images), report_inputs=inputs)
     segs = None
     if "egr" in cfg.rerank.stages:
         segs = read_text_segs(resolve_path(a.text_segs) if a.text_segs else layout.test_text_segs)
-    return TestSet(texts, images, positives, *model_features(cfg, texts, images, segs, layout))
+    features = model_features(cfg, texts, images, segs, layout)
+    return TestSet(texts, images, positives, *features, report_inputs=inputs)
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -278,6 +296,7 @@ def evaluate(cfg: DictConfig) -> dict:
             write_json(
                 out / "evaluation" / f"{stage}_{direction}.json", evaluation_json(results[stage][direction])
             )
+    write_json(out / "report_inputs.json", data.report_inputs)
     write_json(out / "results.json", results)
     return results
 
@@ -297,7 +316,10 @@ def format_table(results: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    results = evaluate(cfg)
+    try:
+        results = evaluate(cfg)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
     print(format_table(results))
     print(f"results: {Path(cfg.output_dir) / 'results.json'}")
     return results[list(results)[-1]]["rsum"]

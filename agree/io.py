@@ -1,10 +1,19 @@
-"""Atomic file writing: a crash leaves the old file or the new one, never a partial one."""
+"""Atomic file writing: a crash leaves the old file or the new one, never a partial one.
+
+Every writer goes through :func:`atomic_path`: the data goes to a hidden temporary file beside
+the target (``.NAME.HOST.PID.XXXXXXXX.tmp``), is flushed to disk, and is renamed over the target
+(``os.replace``, atomic on POSIX within one filesystem). A process killed mid-write leaves only
+such a temporary file; the next write of the same target removes the ones whose process is gone.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -12,16 +21,59 @@ from typing import Any
 
 import numpy as np
 
+HOST = socket.gethostname().replace(os.sep, "_")
+UMASK = os.umask(0o022)  # read once (os.umask can only read by setting); mkstemp makes 0600 files
+os.umask(UMASK)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{HOST}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of ``path`` left by killed writers on this host; return them."""
+    path = Path(path)
+    pattern = re.compile(re.escape(_temp_prefix(path)) + r"(\d+)\.[a-z0-9_]+\.tmp")
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = pattern.fullmatch(candidate.name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)
+        _fsync(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -37,7 +89,7 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Non
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Write one JSON object a line, atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -52,3 +104,11 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write one npy array atomically (memory-mappable with ``np.load(mmap_mode='r')``)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
+
+
+def write_torch(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` atomically (Lightning checkpoints: see ``agree.train.AtomicCheckpointIO``)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

@@ -10,15 +10,19 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from agree.callbacks import logging_callbacks
+from agree.checks import ConfigError, check_loss_weights, check_train_config, resume_path
 from agree.config import data_layout, resolve_precision, scene_config
 from agree.data.datamodule import AgreeDataModule
 from agree.data.datasets import inputs_for
-from agree.io import write_json
+from agree.io import write_json, write_torch
 from agree.model.clip import get_tokenizer
 from agree.model.module import AgreeModule
+from agree.progress import interactive
 
 
 def build_logger(cfg: DictConfig):
@@ -39,16 +43,39 @@ def build_logger(cfg: DictConfig):
 
 def loss_weights(cfg: DictConfig) -> dict[str, float]:
     """The ``losses`` weights, with ``drop_loss`` (an ablation) set to 0."""
-    weights = {name: float(w) for name, w in cfg.losses.items()}
-    if cfg.get("drop_loss") not in (None, "none"):
-        if cfg.drop_loss not in weights:
-            raise ValueError(f"drop_loss={cfg.drop_loss!r} is not a loss; choose one of {sorted(weights)}")
-        weights[cfg.drop_loss] = 0.0
-    return weights
+    return check_loss_weights(cfg)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written through a temporary file beside the target and renamed into place.
+
+    Lightning's own ``_atomic_save`` stages a local file in the system temp folder (fsspec
+    transaction) and ``shutil.move``s it: a copy into the target, not a rename, whenever that
+    folder is on another filesystem, and a leftover temp file when the process is killed.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        write_torch(path, checkpoint)
+
+
+class FinalCheckpoint(Callback):
+    """Writes ``path`` when training ends unless the final step was just checkpointed
+    (``ModelCheckpoint(every_n_train_steps=N)`` alone misses the steps after the last multiple of N)."""
+
+    def __init__(self, path: Path):
+        self.path, self.saved_step = path, None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.saved_step = checkpoint["global_step"]
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.path)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Train as ``cfg`` says; return the final validation metrics and the objects used."""
+    check_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
     weights = loss_weights(cfg)
@@ -74,6 +101,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         max_entities=cfg.data.max_entities,
         max_entity_words=cfg.data.max_entity_words,
         synthetic=scene_config(cfg.data),
+        seed=cfg.seed,
     )
     checkpoints = ModelCheckpoint(
         dirpath=out / "checkpoints",
@@ -83,10 +111,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision"))
+    if trainer_cfg.get("enable_progress_bar") is None:
+        trainer_cfg["enable_progress_bar"] = interactive()
+    logger = build_logger(cfg)
+    callbacks = [checkpoints, FinalCheckpoint(out / "checkpoints" / "last.ckpt"), *logging_callbacks(logger)]
     trainer = L.Trainer(
-        **trainer_cfg, logger=build_logger(cfg), callbacks=[checkpoints], default_root_dir=out
+        **trainer_cfg,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=out,
+        plugins=[AtomicCheckpointIO()],
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if trainer.is_global_zero:
         write_json(out / "metrics.json", metrics)
@@ -97,6 +133,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
     finally:
         if cfg.get("logger") and str(cfg.logger.get("_target_", "")).endswith("WandbLogger"):
             import wandb

@@ -120,8 +120,10 @@ def search_both(n_images: int, n_texts: int, dim: int) -> float:
 def section_b_child(n_images: int, n_texts: int, dim: int) -> None:
     seconds = search_both(n_images, n_texts, dim)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"    {n_images:,} images x {n_texts:,} captions, {dim}-d, top-10 both directions: "
-          f"{seconds:.1f} s, peak memory {peak_gib:.2f} GiB")
+    print(
+        f"    {n_images:,} images x {n_texts:,} captions, {dim}-d, top-10 both directions: "
+        f"{seconds:.1f} s, peak memory {peak_gib:.2f} GiB"
+    )
 
 
 def section_b() -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from agree.data.datasets import CollateTrain, CollateVal, EntitySources, Tokenizer, TrainCaptions, ValImages
 from agree.data.formats import (
@@ -17,12 +20,64 @@ from agree.data.formats import (
 from agree.data.synthetic import SceneConfig, ensure_generated
 
 
+class EpochSampler(DistributedSampler):
+    """This process's share of a permutation seeded from ``seed + epoch``, as ``(index, epoch)`` keys.
+
+    Lightning calls ``set_epoch`` at each epoch start. ``start`` skips that many keys of the next
+    iteration only (a resumed epoch), without loading them. A ``DistributedSampler``, so that
+    Lightning does not wrap it under DDP.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        start, self.start, epoch = self.start, 0, self.epoch
+        return ((index, epoch) for index in itertools.islice(super().__iter__(), start, None))
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader that resumes mid-epoch.
+
+    Its state is the epoch and the number of batches it has handed out; after
+    ``load_state_dict``, iterating that epoch again skips those batches (by index, so they are
+    not loaded), and the run goes on with exactly the batches an uninterrupted run would see.
+    Needs an ``EpochSampler`` and ``drop_last=True`` (all batches full).
+    """
+
+    sampler: EpochSampler
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch, self._batches = 0, 0
+        self._resume: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+    def __iter__(self) -> Iterator:
+        # a generator: runs at the first batch, after Lightning's set_epoch
+        epoch, resume = self.sampler.epoch, self._resume
+        self._resume = None
+        skip = resume[1] if resume is not None and resume[0] == epoch else 0
+        self.sampler.start = skip * self.batch_size
+        self._epoch, self._batches = epoch, skip
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+
 class AgreeDataModule(L.LightningDataModule):
     """Reads ``flickr30k_train_pred.jsonl`` + train npz and ``flickr30k_val.json`` + val npz.
 
     ``needs`` (see ``datasets.inputs_for``) selects the entity inputs to load: grounded masks,
     the Visual Genome bank and object lists are read only when an enabled loss uses them.
     With ``synthetic`` set (the ``data=synthetic`` config), a missing dataset is generated first.
+    Training batches are shuffled per epoch from ``seed`` and resume mid-epoch (``ResumableLoader``).
     """
 
     def __init__(
@@ -36,11 +91,24 @@ class AgreeDataModule(L.LightningDataModule):
         max_entities: int = 5,
         max_entity_words: int = 7,
         synthetic: SceneConfig | None = None,
+        seed: int = 0,
     ):
         super().__init__()
+        self.seed = seed
         self.layout, self.tokenizer, self.synthetic = layout, tokenizer, synthetic
         self.needs, self.max_entities, self.max_entity_words = needs, max_entities, max_entity_words
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self._train_loader: ResumableLoader | None = None
+        self._loader_state: dict | None = None
+
+    # Lightning 2.6 restores a stateful train loader only if it is created after the checkpoint is
+    # read, but ``estimated_stepping_batches`` (our LR schedule) creates it before; a datamodule's
+    # state is read before either, so the loader's position travels in the datamodule's state.
+    def state_dict(self) -> dict:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._loader_state = state.get("train_loader")
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
@@ -70,30 +138,36 @@ class AgreeDataModule(L.LightningDataModule):
             self.entity_sources(),
             self.max_entities,
             self.max_entity_words,
+            self.seed,
         )
         self.val_set = ValImages(
             read_val_records(self.layout.val_records),
             NpzImages(self.layout.images_npz("val"), self.layout.image_size),
         )
 
-    def _loader(self, dataset, batch_size: int, collate, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate,
-        )
+    def _workers(self) -> dict:
+        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(
+    def train_dataloader(self) -> ResumableLoader:
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._train_loader = ResumableLoader(
             self.train_set,
-            self.batch_size,
-            CollateTrain(self.tokenizer, self.needs, self.max_entities),
-            train=True,
+            batch_size=self.batch_size,
+            sampler=EpochSampler(self.train_set, self.seed, replicas, rank),
+            drop_last=True,
+            collate_fn=CollateTrain(self.tokenizer, self.needs, self.max_entities),
+            **self._workers(),
         )
+        if self._loader_state is not None:
+            self._train_loader.load_state_dict(self._loader_state)
+            self._loader_state = None
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size, CollateVal(self.tokenizer), train=False)
+        return DataLoader(
+            self.val_set,
+            batch_size=self.val_batch_size,
+            collate_fn=CollateVal(self.tokenizer),
+            **self._workers(),
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,11 @@ from agree.data.synthetic import CLIP_MEAN, CLIP_STD
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 BLACK = tuple(float(v) for v in (0.0 - CLIP_MEAN) / CLIP_STD)  # black pixels, CLIP-normalised
+
+
+def mask_entity(caption: str, entity: str) -> str:
+    """``caption`` with ``entity`` replaced by ``[MASK]``, ignoring case (entities are lower-cased)."""
+    return re.sub(re.escape(entity), "[MASK]", caption, flags=re.IGNORECASE)
 
 
 def text_key(text: str) -> int:
@@ -51,10 +57,15 @@ class EntitySources:
     vg_masked: NpzImages | None = None  # "{word}_{vg_id}" -> VG image with the word's region blanked
 
 
-def random_square(image: torch.Tensor, side: int) -> torch.Tensor:
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The random draws of one item in one epoch: the same in every process and on resume."""
+    return torch.Generator().manual_seed(hash((seed, epoch, index)) & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+def random_square(image: torch.Tensor, side: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """The fallback mask: ``image`` with a black ``side``×``side`` square at a random place."""
     size = image.shape[-1]
-    y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,)))
+    y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=generator))
     black = torch.tensor(BLACK, dtype=image.dtype)[:, None, None]
     masked = image.clone()
     masked[:, y : y + side, x : x + side] = black
@@ -67,6 +78,10 @@ class TrainCaptions(Dataset):
     Entities longer than ``max_entity_words`` words are dropped and at most ``max_entities``
     kept. Without a VG object for the image (or a grounded entity), the sample's own image and
     caption stand in, with a random black square (32 px at 224) as the mask.
+
+    Items are looked up by index or by ``(index, epoch)`` (``datamodule.EpochSampler``); the
+    random draws (VG image, square) come from ``item_generator(seed, epoch, index)``, so a
+    resumed run draws what an uninterrupted one would.
     """
 
     def __init__(
@@ -77,8 +92,10 @@ class TrainCaptions(Dataset):
         sources: EntitySources | None = None,
         max_entities: int = 5,
         max_entity_words: int = 7,
+        seed: int = 0,
     ):
         images.require([r.image_key for r in records], "train image_id")
+        self.seed = seed
         self.records, self.images, self.needs = records, images, needs
         self.sources = sources or EntitySources()
         self.max_entities, self.max_entity_words = max_entities, max_entity_words
@@ -100,28 +117,30 @@ class TrainCaptions(Dataset):
     def entities(self, record: TrainRecord) -> list[str]:
         return [s for s in record.segs if len(s.split(" ")) <= self.max_entity_words][: self.max_entities]
 
-    def _vg_draw(self, record: TrainRecord) -> tuple[str, str] | None:
+    def _vg_draw(self, record: TrainRecord, generator: torch.Generator) -> tuple[str, str] | None:
         """A random (word, VG image id) among the image's objects that have VG images."""
         words = [
             w for w in self.sources.image_objects.get(record.flickr_id, []) if self.sources.vg_ids.get(w)
         ]
         if not words:
             return None
-        word = words[int(torch.randint(len(words), ()))]
+        word = words[int(torch.randint(len(words), (), generator=generator))]
         ids = self.sources.vg_ids[word]
-        return word, ids[int(torch.randint(len(ids), ()))]
+        return word, ids[int(torch.randint(len(ids), (), generator=generator))]
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        generator = item_generator(self.seed, epoch, index)
         record = self.records[index]
         image = torch.from_numpy(self.images[record.image_key]).float()
         item = {"image": image, "caption": record.caption, "image_key": int(record.image_key)}
         if self.needs & {"prompts", "masked_captions"}:
             item["entities"] = self.entities(record)
         if "vg" in self.needs:
-            drawn = self._vg_draw(record)
+            drawn = self._vg_draw(record, generator)
             if drawn is None:
                 item["vg_image"], item["vg_text"] = image, record.caption
-                item["vg_masked"] = random_square(image, self.square)
+                item["vg_masked"] = random_square(image, self.square, generator)
             else:
                 word, vg_id = drawn
                 item["vg_image"] = torch.from_numpy(self.sources.vg_images[vg_id]).float()
@@ -131,7 +150,7 @@ class TrainCaptions(Dataset):
         if "ground_masked" in self.needs:
             label = grounded_label(record)
             item["ground_masked"] = (
-                random_square(image, self.square)
+                random_square(image, self.square, generator)
                 if label is None
                 else torch.from_numpy(self.sources.grounding[f"{record.flickr_id}_{label}"]).float()
             )
@@ -204,7 +223,7 @@ class CollateTrain:
                     valid[i, j] = True
                     keys[i, j] = text_key(entity)
                     prompts.append(PROMPT_TEMPLATE.format(entity=entity))
-                    masked.append(it["caption"].replace(entity, "[MASK]"))
+                    masked.append(mask_entity(it["caption"], entity))
             batch["entity_valid"], batch["entity_keys"] = valid, keys
             for name, texts in (("prompts", prompts), ("masked_captions", masked)):
                 if name in self.needs:

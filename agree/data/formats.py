@@ -2,14 +2,17 @@
 
 Everything downstream reads data through these functions, whether the files come from the
 release, from ``agree.data.synthetic`` or from data preparation. A bad file raises
-:class:`DataFormatError` with one line naming the file, the line or key, and what is wrong.
+:class:`DataFormatError` with one line naming the file, the line or key, and what is wrong;
+no other exception escapes a reader, whatever the bytes (``tests/test_readers_fuzz.py``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +32,22 @@ class DataFormatError(ValueError):
 
 def canonical_id(value: Any) -> str:
     """Ids are compared as integers when numeric ("0042" == 42), else as strings."""
-    if isinstance(value, bool):
-        raise TypeError("a boolean is not an id")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"an id is an integer or a string, not {type(value).__name__}")
     if isinstance(value, int):
         return str(value)
+    return (value.lstrip("0") or "0") if value.isascii() and value.isdigit() else value
+
+
+def show(value: Any) -> str:
+    """``value`` for a one-line message: as is when printable, else its repr."""
     text = str(value)
-    return str(int(text)) if text.isdigit() else text
+    return text if text.isprintable() else repr(text)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message with its whitespace (newlines included) collapsed."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,25 +67,58 @@ def _check_fields(obj: Any, fields: dict[str, type | tuple[type, ...]], where: s
     return obj
 
 
-def read_jsonl(path: str | os.PathLike, fields: dict[str, type | tuple[type, ...]]) -> list[dict]:
-    """Read a JSON-lines file; every line must be an object holding ``fields`` with those types."""
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(text: str | bytes, where: str, line_in_error: bool = False) -> Any:
+    """``json.loads`` with every failure as a one-line DataFormatError (NaN/Infinity are not JSON)."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        at = f"{where}:{e.lineno}" if line_in_error else where
+        raise DataFormatError(f"{at}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataFormatError(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:  # NaN/Infinity, integers of thousands of digits, invalid UTF-8
+        raise DataFormatError(f"{where}: {one_line(e)}") from None
+
+
+def _lines(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
+    """(``file:line``, raw line) of each non-blank line."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            rows.append(_check_fields(obj, fields, where))
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    yield f"{path}:{number}", line
+    except OSError as e:
+        raise DataFormatError(f"{path}: cannot read ({one_line(e)})") from None
+
+
+def _decode(line: bytes, where: str) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{where}: not UTF-8 text (invalid byte at position {e.start})") from None
+
+
+def _rows(path: str | os.PathLike, fields: dict[str, type | tuple[type, ...]]) -> list[tuple[str, dict]]:
+    """(``file:line``, object) of every line; each must be an object holding ``fields``."""
+    rows = [
+        (where, _check_fields(_loads(_decode(line, where), where), fields, where))
+        for where, line in _lines(path)
+    ]
     if not rows:
         raise DataFormatError(f"{path}: no records")
     return rows
+
+
+def read_jsonl(path: str | os.PathLike, fields: dict[str, type | tuple[type, ...]]) -> list[dict]:
+    """Read a JSON-lines file; every line must be an object holding ``fields`` with those types."""
+    return [row for _, row in _rows(path, fields)]
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -81,22 +127,41 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataFormatError(f"{path}: cannot read ({one_line(e)})") from None
+    return _loads(_decode(raw, str(path)), str(path), line_in_error=True)
 
 
 def _string_list(value: Any, where: str, key: str) -> list[str]:
-    if not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise DataFormatError(f"{where}: {key!r} must be a list of strings")
     return list(value)
 
 
+def _id(value: Any, where: str, key: str) -> str:
+    try:
+        return canonical_id(value)
+    except TypeError:
+        raise DataFormatError(f"{where}: {key!r} must be an id (integer or string)") from None
+
+
 def _id_list(value: Any, where: str, key: str) -> list[str]:
+    if not isinstance(value, list):
+        raise DataFormatError(f"{where}: {key!r} must be a list of ids")
     try:
         return [canonical_id(v) for v in value]
     except TypeError:
-        raise DataFormatError(f"{where}: {key!r} must be a list of ids") from None
+        raise DataFormatError(f"{where}: {key!r} must be a list of ids (integers or strings)") from None
+
+
+def _check_unique(ids: list[str], wheres: list[str], key: str) -> None:
+    """Fail at the second occurrence of an id; ``wheres[i]`` locates ``ids[i]``."""
+    seen = set()
+    for value, where in zip(ids, wheres, strict=True):
+        if value in seen:
+            raise DataFormatError(f"{where}: duplicate {key} {show(value)}")
+        seen.add(value)
 
 
 def flickr_id(image_path: str) -> str:
@@ -115,30 +180,38 @@ class TrainRecord:
     preds: tuple[tuple[str, float], ...]  # grounded entities with confidence
 
 
+def _grounded(value: Any, where: str) -> tuple[tuple[str, float], ...]:
+    """The ``preds`` of a training line: one-key objects ``{label: finite score}``."""
+    if not isinstance(value, list):
+        raise DataFormatError(f"{where}: 'preds' must be a list of one-key objects {{label: score}}")
+    preds = []
+    for pred in value:
+        if not (isinstance(pred, dict) and len(pred) == 1):
+            raise DataFormatError(f"{where}: each of 'preds' must be a one-key object {{label: score}}")
+        ((label, score),) = pred.items()
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            raise DataFormatError(f"{where}: score of grounded entity {label!r} is not a number")
+        try:
+            score = float(score)
+        except OverflowError:
+            score = math.inf
+        if not math.isfinite(score):
+            raise DataFormatError(f"{where}: score of grounded entity {label!r} is not finite")
+        preds.append((label, score))
+    return tuple(preds)
+
+
 def read_train_records(path: str | os.PathLike) -> list[TrainRecord]:
-    rows = read_jsonl(path, {"image": str, "caption": str, "image_id": (int, str)})
-    records = []
-    for number, row in enumerate(rows, start=1):
-        where = f"{path}:{number}"
-        segs = _string_list(row.get("segs", []), where, "segs")
-        preds = []
-        for pred in row.get("preds", []):
-            if not (isinstance(pred, dict) and len(pred) == 1):
-                raise DataFormatError(f"{where}: each of 'preds' must be a one-key object {{label: score}}")
-            ((label, score),) = pred.items()
-            if not isinstance(score, (int, float)):
-                raise DataFormatError(f"{where}: score of grounded entity {label!r} is not a number")
-            preds.append((label, float(score)))
-        records.append(
-            TrainRecord(
-                image_key=canonical_id(row["image_id"]),
-                flickr_id=flickr_id(row["image"]),
-                caption=row["caption"],
-                segs=tuple(segs),
-                preds=tuple(preds),
-            )
+    return [
+        TrainRecord(
+            image_key=_id(row["image_id"], where, "image_id"),
+            flickr_id=flickr_id(row["image"]),
+            caption=row["caption"],
+            segs=tuple(_string_list(row.get("segs", []), where, "segs")),
+            preds=_grounded(row.get("preds", []), where),
         )
-    return records
+        for where, row in _rows(path, {"image": str, "caption": str, "image_id": (int, str)})
+    ]
 
 
 @dataclass(frozen=True)
@@ -170,16 +243,16 @@ class TestText:
 
 
 def read_test_texts(path: str | os.PathLike) -> list[TestText]:
-    rows = read_jsonl(path, {"query_id": (int, str), "query_text": str, "item_ids": list})
+    rows = _rows(path, {"query_id": (int, str), "query_text": str, "item_ids": list})
     out = [
         TestText(
-            canonical_id(r["query_id"]),
+            _id(r["query_id"], where, "query_id"),
             r["query_text"],
-            tuple(_id_list(r["item_ids"], f"{path}:{i}", "item_ids")),
+            tuple(_id_list(r["item_ids"], where, "item_ids")),
         )
-        for i, r in enumerate(rows, start=1)
+        for where, r in rows
     ]
-    _check_unique([t.query_id for t in out], path, "query_id")
+    _check_unique([t.query_id for t in out], [where for where, _ in rows], "query_id")
     return out
 
 
@@ -190,65 +263,63 @@ class TestImage:
 
 
 def read_test_images(path: str | os.PathLike) -> list[TestImage]:
-    rows = read_jsonl(path, {"image_id": (int, str), "item_ids": list})
+    rows = _rows(path, {"image_id": (int, str), "item_ids": list})
     out = [
-        TestImage(canonical_id(r["image_id"]), tuple(_id_list(r["item_ids"], f"{path}:{i}", "item_ids")))
-        for i, r in enumerate(rows, start=1)
+        TestImage(_id(r["image_id"], where, "image_id"), tuple(_id_list(r["item_ids"], where, "item_ids")))
+        for where, r in rows
     ]
-    _check_unique([t.image_id for t in out], path, "image_id")
+    _check_unique([t.image_id for t in out], [where for where, _ in rows], "image_id")
     return out
+
+
+def _keyed_lists(path: str | os.PathLike, id_key: str, list_key: str) -> dict[str, list[str]]:
+    """{id: list of strings} of a JSON-lines file; ids must be unique."""
+    rows = _rows(path, {id_key: (int, str), list_key: list})
+    ids = [_id(r[id_key], where, id_key) for where, r in rows]
+    _check_unique(ids, [where for where, _ in rows], id_key)
+    return {
+        key: _string_list(r[list_key], where, list_key) for key, (where, r) in zip(ids, rows, strict=True)
+    }
 
 
 def read_text_segs(path: str | os.PathLike) -> dict[str, list[str]]:
     """``flickr30k_test_texts_segs.jsonl`` -> {query_id: entities}."""
-    rows = read_jsonl(path, {"query_id": (int, str), "items": list})
-    return {
-        canonical_id(r["query_id"]): _string_list(r["items"], f"{path}:{i}", "items")
-        for i, r in enumerate(rows, start=1)
-    }
+    return _keyed_lists(path, "query_id", "items")
 
 
 def read_image_objects(path: str | os.PathLike) -> dict[str, list[str]]:
     """``objects/flickr30k_{split}_imgs_objs.jsonl`` -> {flickr_id: VG vocabulary words}."""
-    rows = read_jsonl(path, {"image_id": (int, str), "image_objects": list})
-    return {
-        canonical_id(r["image_id"]): _string_list(r["image_objects"], f"{path}:{i}", "image_objects")
-        for i, r in enumerate(rows, start=1)
-    }
+    return _keyed_lists(path, "image_id", "image_objects")
 
 
 def read_vg_vocab(path: str | os.PathLike) -> dict[str, list[str]]:
     """``vocab_VG_images_objs.jsonl`` -> {word: VG image ids having a non-empty region of it}."""
-    rows = read_jsonl(path, {"vocab": str, "objects": list})
+    rows = _rows(path, {"vocab": str, "objects": list})
+    _check_unique([r["vocab"] for _, r in rows], [where for where, _ in rows], "vocab")
     vocab = {}
-    for number, row in enumerate(rows, start=1):
+    for where, row in rows:
         ids = []
         for obj in row["objects"]:
-            _check_fields(obj, {"image_id": (int, str)}, f"{path}:{number}")
+            _check_fields(obj, {"image_id": (int, str)}, where)
             if obj.get("object"):  # the reference skips empty regions
                 ids.append(canonical_id(obj["image_id"]))
         vocab[row["vocab"]] = ids
     return vocab
 
 
-def _check_unique(ids: list[str], path: str | os.PathLike, key: str) -> None:
-    seen = set()
-    for number, value in enumerate(ids, start=1):
-        if value in seen:
-            raise DataFormatError(f"{path}:{number}: duplicate {key} {value}")
-        seen.add(value)
-
-
 # ---------------------------------------------------------------------------------------------
 # npz image arrays
+
+# what a damaged zip member or npy header raises inside numpy and zipfile
+NPZ_ERRORS = (ValueError, OSError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, RuntimeError)
 
 
 class NpzImages:
     """Lazy, validated access to an npz of preprocessed images (3×S×S float, CLIP-normalised).
 
     Keys are matched as ids (``canonical_id``). Each array is checked on access for shape, dtype
-    and finiteness. The archive is opened per process, so instances are safe to send to
-    DataLoader workers.
+    and finiteness. Pickled objects are never loaded. The archive is opened per process, so
+    instances are safe to send to DataLoader workers.
     """
 
     def __init__(self, path: str | os.PathLike, image_size: int):
@@ -259,9 +330,16 @@ class NpzImages:
         try:
             with zipfile.ZipFile(self.path) as z:
                 names = [n[: -len(".npy")] for n in z.namelist() if n.endswith(".npy")]
-        except zipfile.BadZipFile:
-            raise DataFormatError(f"{self.path}: not an npz archive") from None
-        self._keys = {canonical_id(n): n for n in names}
+        except NPZ_ERRORS as e:
+            raise DataFormatError(f"{self.path}: not an npz archive ({one_line(e)})") from None
+        self._keys: dict[str, str] = {}
+        for name in names:
+            key = canonical_id(name)
+            if key in self._keys:
+                raise DataFormatError(
+                    f"{self.path}: arrays {show(self._keys[key])} and {show(name)} name the same id"
+                )
+            self._keys[key] = name
         self._archive = None
         self._pid = None
 
@@ -274,23 +352,30 @@ class NpzImages:
     def __contains__(self, key: Any) -> bool:
         return canonical_id(key) in self._keys
 
+    def keys(self) -> list[str]:
+        """The canonical ids of the arrays."""
+        return list(self._keys)
+
     def require(self, keys: list[str], what: str) -> None:
         """Fail with the first of ``keys`` (named in ``what``) that the archive lacks."""
         for key in keys:
             if canonical_id(key) not in self._keys:
                 raise DataFormatError(f"{self.path}: no array for {what} {key!r} ({len(self)} keys present)")
 
+    def _load(self, name: str) -> np.ndarray:
+        try:
+            if self._archive is None or self._pid != os.getpid():
+                self._archive = np.load(self.path, allow_pickle=False)
+                self._pid = os.getpid()
+            return self._archive[name]
+        except NPZ_ERRORS as e:  # object arrays need pickle, which we never allow; damaged members
+            raise DataFormatError(f"{self.path}: key {name!r}: {one_line(e)}") from None
+
     def __getitem__(self, key: Any) -> np.ndarray:
         name = self._keys.get(canonical_id(key))
         if name is None:
             raise DataFormatError(f"{self.path}: no array for key {key!r}")
-        if self._archive is None or self._pid != os.getpid():
-            self._archive = np.load(self.path, allow_pickle=False)
-            self._pid = os.getpid()
-        try:
-            array = self._archive[name]
-        except ValueError as e:  # object arrays need pickle, which we never allow
-            raise DataFormatError(f"{self.path}: key {name!r}: {e}") from None
+        array = self._load(name)
         if not np.issubdtype(array.dtype, np.floating):
             raise DataFormatError(f"{self.path}: key {name!r}: dtype {array.dtype}, expected a float array")
         if array.shape != self.shape:
@@ -364,7 +449,7 @@ class ReleaseLayout:
 
 
 def _json_id(value: str) -> int | str:
-    return int(value) if value.isdigit() else value
+    return int(value) if value.isascii() and value.isdigit() else value
 
 
 def prediction_rows(id_key: str, query_ids: list[str], ranked_item_ids: list[list[str]]) -> list[dict]:
@@ -396,53 +481,99 @@ def evaluation_json(recall: dict[str, float]) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """One line of a prediction file: a query and its ranked items (canonical ids)."""
+
+    query_id: str
+    item_ids: tuple[str, ...]
+
+
+def _ranked_item(item: Any) -> Any:
+    """An item of ``item_ids``: an id, or a list whose first element is the id (``[id, score]``)."""
+    return item[0] if isinstance(item, list) and item else item
+
+
+def read_predictions(path: str | os.PathLike) -> tuple[str, list[Prediction]]:
+    """A prediction file (``prediction_rows`` format) -> (its id key, the lines in file order).
+
+    Every line uses the same id key (``query_id`` for text queries, ``image_id`` for image
+    queries); query ids are unique, and no item appears twice in one ranking.
+    """
+    rows = _rows(path, {"item_ids": list})
+    id_key = next((key for key in ("query_id", "image_id") if key in rows[0][1]), None)
+    if id_key is None:
+        raise DataFormatError(f"{rows[0][0]}: missing key 'query_id' or 'image_id'")
+    out = []
+    for where, row in rows:
+        _check_fields(row, {id_key: (int, str)}, where)
+        other = "image_id" if id_key == "query_id" else "query_id"
+        if other in row:
+            raise DataFormatError(f"{where}: both 'query_id' and 'image_id'; a line ranks one query")
+        items = _id_list([_ranked_item(i) for i in row["item_ids"]], where, "item_ids")
+        _check_unique(items, [where] * len(items), "item in 'item_ids':")
+        out.append(Prediction(_id(row[id_key], where, id_key), tuple(items)))
+    _check_unique([p.query_id for p in out], [where for where, _ in rows], id_key)
+    return id_key, out
+
+
 # ---------------------------------------------------------------------------------------------
 # feature files (reference JSONL interchange)
 
 
+def _number_array(value: Any) -> np.ndarray | None:
+    """``value`` (a list, or list of equal-length lists, of JSON numbers) as float32; None if it is not."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return None
+    if array.dtype.kind not in "iuf" or array.ndim == 0:
+        return None
+    with np.errstate(over="ignore"):
+        return array.astype(np.float32)
+
+
 def _feature_rows(path: str | os.PathLike, id_key: str):
-    """Yield (line number, canonical id, float32 array) of a feature JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
+    """Yield (``file:line``, canonical id, float32 array) of a feature JSONL file."""
+    for where, line in _lines(path):
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            # Python's json also reads NaN/Infinity (which its writer emits) and huge integers: report
+            # those as bad values below; anything else fails there as malformed
             try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                try:  # Python's json writes NaN/Infinity, which orjson rejects: report them as such below
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataFormatError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            _check_fields(obj, {id_key: (int, str), "feature": list}, where)
-            try:
-                array = np.asarray(obj["feature"], dtype=np.float32)
-            except (ValueError, TypeError):
-                raise DataFormatError(
-                    f"{where}: 'feature' is not a (list of) equal-length number lists"
-                ) from None
-            if not np.isfinite(array).all():
-                raise DataFormatError(
-                    f"{where}: {id_key} {obj[id_key]}: feature contains NaN or infinite values"
-                )
-            yield number, canonical_id(obj[id_key]), array
+                obj = json.loads(_decode(line, where))
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataFormatError(f"{where}: JSON nested too deeply") from None
+            except ValueError as e:
+                raise DataFormatError(f"{where}: {one_line(e)}") from None
+        _check_fields(obj, {id_key: (int, str), "feature": list}, where)
+        array = _number_array(obj["feature"])
+        if array is None:
+            raise DataFormatError(f"{where}: 'feature' is not a (list of) equal-length number lists")
+        if not np.isfinite(array).all():
+            raise DataFormatError(
+                f"{where}: {id_key} {show(obj[id_key])}: feature contains NaN or infinite values "
+                "(or numbers beyond float32)"
+            )
+        yield where, _id(obj[id_key], where, id_key), array
 
 
 def read_feature_jsonl(path: str | os.PathLike, id_key: str) -> tuple[list[str], np.ndarray]:
     """``{"image_id": "9", "feature": [...]}`` lines -> (ids, float32 [N, D])."""
-    ids, rows = [], []
-    for number, key, array in _feature_rows(path, id_key):
-        if array.ndim != 1 or (rows and array.shape != rows[0].shape):
-            expected = rows[0].shape if rows else "(D,)"
-            raise DataFormatError(f"{path}:{number}: feature of shape {array.shape}, expected {expected}")
+    ids, rows, wheres = [], [], []
+    for where, key, array in _feature_rows(path, id_key):
+        if array.ndim != 1 or not array.size or (rows and array.shape != rows[0].shape):
+            expected = rows[0].shape if rows else "(D,) with D > 0"
+            raise DataFormatError(f"{where}: feature of shape {array.shape}, expected {expected}")
         ids.append(key)
         rows.append(array)
+        wheres.append(where)
     if not rows:
         raise DataFormatError(f"{path}: no records")
-    _check_unique(ids, path, id_key)
+    _check_unique(ids, wheres, id_key)
     return ids, np.stack(rows)
 
 
@@ -454,22 +585,24 @@ def read_entity_feature_jsonl(
     ``valid`` [N, E] marks the real slots.
 
     Queries with more than ``max_entities`` vectors keep the first ones; fewer are padded (zeros,
-    marked invalid).
+    marked invalid). ``[]`` is a query without entities.
     """
-    ids, rows, dim = [], [], None
-    for number, key, array in _feature_rows(path, "query_id"):
-        if array.size == 0:
+    ids, rows, wheres, dim = [], [], [], None
+    for where, key, array in _feature_rows(path, "query_id"):
+        if array.shape == (0,):
             array = array.reshape(0, dim or 0)
-        if array.ndim != 2 or (dim is not None and array.shape[1] != dim and len(array)):
+        wrong_width = array.ndim == 2 and len(array) and array.shape[1] != (dim or array.shape[1] or -1)
+        if array.ndim != 2 or wrong_width:
             raise DataFormatError(
-                f"{path}:{number}: entity features of shape {array.shape}, expected (E, {dim or 'D'})"
+                f"{where}: entity features of shape {array.shape}, expected (E, {dim or 'D'})"
             )
         dim = dim if dim is not None or not len(array) else array.shape[1]
         ids.append(key)
         rows.append(array[:max_entities])
+        wheres.append(where)
     if not rows:
         raise DataFormatError(f"{path}: no records")
-    _check_unique(ids, path, "query_id")
+    _check_unique(ids, wheres, "query_id")
     features = np.zeros((len(rows), max_entities, dim or 0), dtype=np.float32)
     valid = np.zeros((len(rows), max_entities), dtype=bool)
     for i, array in enumerate(rows):

@@ -23,9 +23,9 @@ from PIL import Image, ImageDraw
 
 from agree.data.formats import ReleaseLayout
 from agree.io import write_json, write_jsonl, write_npz
-
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+from agree.prepare.pixels import CLIP_MEAN as CLIP_MEAN  # re-exported: datasets.py, tests
+from agree.prepare.pixels import CLIP_STD as CLIP_STD
+from agree.prepare.pixels import normalise
 
 COLORS = {
     "red": (220, 40, 40),
@@ -146,16 +146,6 @@ def render(
     pixels = np.asarray(image, dtype=np.float32)
     pixels += rng.normal(0.0, 255 * noise, pixels.shape)
     return np.clip(pixels, 0, 255).astype(np.uint8)
-
-
-def normalise(pixels: np.ndarray, blank: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """uint8 H×W×3 -> CLIP-normalised float32 3×H×W, with ``blank`` box set to black first."""
-    pixels = pixels.astype(np.float32) / 255.0
-    if blank is not None:
-        x0, y0, x1, y1 = blank
-        pixels = pixels.copy()
-        pixels[max(y0, 0) : y1, max(x0, 0) : x1] = 0.0
-    return ((pixels - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).copy()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from agree.io import write_json, write_npy
+from agree.progress import progress
 
 
 @torch.no_grad()
@@ -24,8 +24,7 @@ def extract(
 ) -> torch.Tensor:
     """Encode every batch on ``device``; return the features as one float32 CPU tensor."""
     out = [
-        encode(batch.to(device, non_blocking=True)).float().cpu()
-        for batch in tqdm(batches, desc=desc, total=total, disable=None, leave=False)
+        encode(batch.to(device, non_blocking=True)).float().cpu() for batch in progress(batches, desc, total)
     ]
     return torch.cat(out)
 

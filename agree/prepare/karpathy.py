@@ -1,0 +1,136 @@
+"""``karpathy``: the annotation files and npz images of a Karpathy split (Flickr30k, COCO).
+
+    python -m agree.prepare karpathy karpathy=dataset_flickr30k.json images=flickr30k-images root=out
+
+Writes under ``root``: ``annotation/<prefix>_train_pred.jsonl`` (no ``segs``/``preds`` yet: the
+``entities`` and ``ground`` steps add them), ``<prefix>_val.json``, ``<prefix>_test_texts.jsonl``,
+``<prefix>_test_images.jsonl`` and ``<prefix>_{train,val,test}_images.npz``. npz keys: the image's
+index in its split (train, val), its file stem (test). Annotation ``image`` fields are
+``<images folder name>/[filepath/]filename``, as the release's ``flickr30k-images/1000092795.jpg``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import MISSING
+
+from agree.data.formats import DataFormatError, ReleaseLayout, _check_fields, _json_id, read_json
+from agree.io import write_json, write_jsonl
+from agree.prepare.images import EncodeImages, ImageOptions
+from agree.prepare.shards import Shards
+
+SPLITS = ("train", "restval", "val", "test")
+
+
+@dataclass
+class Config(ImageOptions):
+    karpathy: str = MISSING  # dataset_flickr30k.json / dataset_coco.json
+    images: str = MISSING  # the image folder (COCO: the one holding train2014/ and val2014/)
+    root: str = MISSING  # the release folder to write
+    prefix: str | None = None  # file-name prefix; null: the JSON's "dataset" (flickr30k, coco)
+    restval: bool = False  # COCO: the restval images join train
+
+
+@dataclass(frozen=True)
+class KarpathyImage:
+    split: str
+    image: str  # the annotation's "image" field
+    path: Path  # the image file
+    captions: tuple[str, ...]
+
+    @property
+    def stem(self) -> str:
+        return Path(self.image).stem
+
+
+def read_karpathy(path: str | Path, images: Path) -> tuple[str | None, list[KarpathyImage]]:
+    """(the JSON's "dataset", its images), validated: one-line errors name the element."""
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataFormatError(f"{path}: expected a Karpathy-split JSON object with an 'images' list")
+    out = []
+    for i, item in enumerate(data["images"]):
+        where = f"{path}: images[{i}]"
+        _check_fields(item, {"filename": str, "split": str, "sentences": list}, where)
+        if item["split"] not in SPLITS:
+            raise DataFormatError(f"{where}: split {item['split']!r} is not one of {SPLITS}")
+        captions = []
+        for j, sentence in enumerate(item["sentences"]):
+            _check_fields(sentence, {"raw": str}, f"{where}.sentences[{j}]")
+            captions.append(sentence["raw"].strip())
+        if not captions:
+            raise DataFormatError(f"{where}: no sentences")
+        relative = Path(item.get("filepath", "")) / item["filename"]
+        image = f"{images.name}/{relative.as_posix()}"
+        out.append(KarpathyImage(item["split"], image, images / relative, tuple(captions)))
+    return data.get("dataset"), out
+
+
+def by_split(images: list[KarpathyImage], restval: bool, path: str | Path) -> dict[str, list[KarpathyImage]]:
+    """train (with restval if asked), val and test; each must be non-empty, test stems unique."""
+    splits = defaultdict(list)
+    for image in images:
+        split = "train" if image.split == "restval" and restval else image.split
+        splits[split].append(image)
+    for split in ("train", "val", "test"):
+        if not splits[split]:
+            raise DataFormatError(f"{path}: no {split!r} images")
+    stems = [image.stem for image in splits["test"]]
+    if len(set(stems)) != len(stems):
+        raise DataFormatError(f"{path}: test images with the same file stem (their npz key)")
+    return {split: splits[split] for split in ("train", "val", "test")}
+
+
+def check_files(splits: dict[str, list[KarpathyImage]], source: str | Path, folder: Path) -> None:
+    missing = [image.path for images in splits.values() for image in images if not image.path.is_file()]
+    if missing:
+        total = sum(map(len, splits.values()))
+        raise DataFormatError(
+            f"{missing[0]}: image not found ({len(missing)} of {total} images of {source} not in {folder})"
+        )
+
+
+def write_annotations(layout: ReleaseLayout, splits: dict[str, list[KarpathyImage]]) -> None:
+    train = [
+        {"image": image.image, "caption": caption, "image_id": index}
+        for index, image in enumerate(splits["train"])
+        for caption in image.captions
+    ]
+    write_jsonl(layout.train_records, train)
+    val = [{"image": image.image, "caption": list(image.captions)} for image in splits["val"]]
+    write_json(layout.val_records, val)
+    texts, images = [], []
+    for image in splits["test"]:
+        image_id = _json_id(image.stem)
+        first = len(texts)
+        for j, caption in enumerate(image.captions):
+            texts.append({"query_id": first + j, "query_text": caption, "item_ids": [image_id]})
+        images.append({"image_id": image_id, "item_ids": list(range(first, len(texts)))})
+    write_jsonl(layout.test_texts, texts)
+    write_jsonl(layout.test_images, images)
+
+
+def run(cfg: Config) -> ReleaseLayout:
+    folder = Path(cfg.images)
+    dataset, images = read_karpathy(cfg.karpathy, folder)
+    splits = by_split(images, cfg.restval, cfg.karpathy)
+    check_files(splits, cfg.karpathy, folder)
+    preprocess = cfg.preprocess()
+    root = Path(cfg.root)
+    layout = ReleaseLayout(root, root.parent / "VG", preprocess.size, cfg.prefix or dataset or "flickr30k")
+    write_annotations(layout, splits)
+    for split, members in splits.items():
+        keys = [image.stem if split == "test" else str(i) for i, image in enumerate(members)]
+        output = layout.images_npz(split)
+        items = [[key, str(image.path)] for key, image in zip(keys, members, strict=True)]
+        shards = Shards(output, items, cfg.shard_size, {"step": "karpathy", **preprocess.params()})
+        shards.run(EncodeImages(preprocess), f"{split} images", "img")
+        shards.merge_npz("images", output)
+        shards.remove()
+    counts = ", ".join(f"{split} {len(members)}" for split, members in splits.items())
+    print(f"karpathy: {counts} images ({preprocess.size} px) -> {layout.root}", file=sys.stderr)
+    return layout

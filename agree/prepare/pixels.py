@@ -1,0 +1,27 @@
+"""Pixel normalisation shared by the scenes generator and data preparation (numpy only)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, inclusive-exclusive
+
+
+def normalise(
+    pixels: np.ndarray,
+    blank: Box | None = None,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> np.ndarray:
+    """uint8 H×W×3 -> normalised float32 3×H×W, with the ``blank`` box set to black first."""
+    pixels = pixels.astype(np.float32) / 255.0
+    if blank is not None:
+        x0, y0, x1, y1 = blank
+        pixels[max(y0, 0) : y1, max(x0, 0) : x1] = 0.0
+    mean, std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    return ((pixels - mean) / std).transpose(2, 0, 1).copy()
