@@ -11,6 +11,7 @@ also to both evaluations.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,12 @@ from agree.train import train
 
 
 def run(out_dir: Path, overrides: list[str]) -> dict:
-    """Run the three steps under ``out_dir``; return ``{"before": results, "after": results}``."""
+    """Run the three steps under ``out_dir``; return ``{"before": results, "after": results}``.
+
+    A previous demo's training folder is removed first: its ``last.ckpt`` would otherwise make
+    Lightning write ``last-v1.ckpt`` and the evaluation read the old weights.
+    """
+    shutil.rmtree(out_dir / "train", ignore_errors=True)
     with initialize_config_module("agree.conf", version_base="1.3"):
         train_cfg = compose("train", ["+experiment=demo", f"output_dir={out_dir / 'train'}", *overrides])
         shared = [o for o in overrides if o.split(".")[0].split("=")[0] in ("model", "data", "seed")]
