@@ -32,7 +32,7 @@ from agree.data.formats import (
     TestImage,
     TestText,
     canonical_id,
-    read_jsonl,
+    read_predictions,
     read_test_images,
     read_test_texts,
 )
@@ -150,13 +150,17 @@ def read_ranked(path: Path, id_key: str, queries: list[str], items: list[str]) -
     """A prediction file as item indices [Q, longest list] in query order, -1 padded."""
     query_index = {q: n for n, q in enumerate(queries)}
     item_index = {i: n for n, i in enumerate(items)}
+    found_key, predictions = read_predictions(path)
+    if found_key != id_key:
+        raise ReportError(f"{path}: lines rank by {found_key!r}, expected {id_key!r}")
     ranked = {}
-    for line, row in enumerate(read_jsonl(path, {id_key: (int, str), "item_ids": list}), start=1):
-        query, row_items = canonical_id(row[id_key]), [canonical_id(i) for i in row["item_ids"]]
-        unknown = [i for i in [query] if i not in query_index] + [i for i in row_items if i not in item_index]
+    for line, p in enumerate(predictions, start=1):
+        unknown = [p.query_id] * (p.query_id not in query_index) + [
+            i for i in p.item_ids if i not in item_index
+        ]
         if unknown:
             raise ReportError(f"{path}:{line}: id {unknown[0]} is not in the test annotations")
-        ranked[query_index[query]] = [item_index[i] for i in row_items]
+        ranked[query_index[p.query_id]] = [item_index[i] for i in p.item_ids]
     out = torch.full((len(queries), max(map(len, ranked.values()), default=0)), -1, dtype=torch.long)
     for query, row in ranked.items():
         out[query, : len(row)] = torch.tensor(row, dtype=torch.long)
