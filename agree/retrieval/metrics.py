@@ -36,12 +36,15 @@ def recall_at_k(ranked: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ..
     """Recall@K in percent and their mean, from ranked item indices [Q, K'] and positives [Q, P].
 
     Queries without any positive count as misses (they are a data error upstream). Lists shorter
-    than K (a gallery smaller than K) count in full.
+    than K (a gallery smaller than K) count in full. Values come from integer hit counts in
+    float64 (313 hits of 500 queries: 62.6, not a float32 mean's 62.59999871).
     """
     hits = (ranked[:, :, None] == positives[:, None, :]).logical_and(positives[:, None, :] >= 0).any(-1)
     first_hits = hits.cumsum(1).clamp(max=1)
-    out = {f"r{k}": float(first_hits[:, min(k, ranked.shape[1]) - 1].float().mean()) * 100 for k in ks}
-    out["mean_recall"] = sum(out[f"r{k}"] for k in ks) / len(ks)
+    counts = {k: int(first_hits[:, min(k, ranked.shape[1]) - 1].sum()) for k in ks}
+    n = max(1, ranked.shape[0])
+    out = {f"r{k}": 100.0 * count / n for k, count in counts.items()}
+    out["mean_recall"] = 100.0 * sum(counts.values()) / (n * len(ks))
     return out
 
 
