@@ -12,7 +12,7 @@ import open_clip
 from omegaconf import DictConfig, OmegaConf
 
 from agree.config import data_layout, resolve_path
-from agree.data.datasets import LOSS_INPUTS
+from agree.data.datasets import FALLBACK_MASKS, LOSS_INPUTS
 from agree.data.formats import ReleaseLayout
 from agree.model import clip  # noqa: F401  (registers the tiny model config with open_clip)
 
@@ -97,6 +97,21 @@ def resume_path(cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def device_batch_size(data: DictConfig, world_size: int, accumulate: int = 1) -> int:
+    """Pairs per process and step: ``data.batch_size``, or ``data.global_batch_size`` split over
+    the processes (``trainer.devices × trainer.num_nodes``) and the accumulated batches."""
+    total = data.get("global_batch_size")
+    if total is None:
+        return int(data.batch_size)
+    parts = world_size * accumulate
+    if total % parts:
+        raise ConfigError(
+            f"data.global_batch_size={total} does not split over {world_size} process(es) x "
+            f"{accumulate} accumulated batch(es); choose a multiple of {parts}, or null (data.batch_size)"
+        )
+    return total // parts
+
+
 def check_loss_weights(cfg: DictConfig) -> dict[str, float]:
     """The ``losses`` weights are known losses, numbers >= 0, at least one > 0 after ``drop_loss``."""
     weights = {}
@@ -159,10 +174,17 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "val_batch_size"):
         if not (isinstance(cfg.data[key], int) and cfg.data[key] >= 1):
             raise ConfigError(f"data.{key}={cfg.data[key]}: must be an integer >= 1")
-    every = cfg.checkpoint.every_n_train_steps
-    if every is not None and not (isinstance(every, int) and every >= 1):
+    for key, null_means in (
+        ("data.global_batch_size", "data.batch_size per process"),
+        ("optim.schedule_epochs", "trainer.max_epochs"),
+        ("checkpoint.every_n_train_steps", "each epoch"),
+    ):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"{key}={value}: must be an integer >= 1, or null ({null_means})")
+    if cfg.data.fallback_mask not in FALLBACK_MASKS:
         raise ConfigError(
-            f"checkpoint.every_n_train_steps={every}: must be an integer >= 1, or null (each epoch)"
+            f"data.fallback_mask={cfg.data.fallback_mask}: choose one of {list(FALLBACK_MASKS)}"
         )
     layout = check_data_root(cfg.data)
     if layout is not None:

@@ -40,13 +40,19 @@ def ensure_data(data: DictConfig) -> ReleaseLayout:
     return layout
 
 
-def resolve_precision(precision: str | None) -> str:
-    """Mixed precision when a GPU is present (bf16 where supported), full precision on CPU."""
+def resolve_precision(precision: str | None, gpu_precision: str = "bf16-mixed") -> str:
+    """``precision`` when set; else ``gpu_precision`` when a GPU is present, full precision on CPU.
+
+    ``bf16-mixed`` falls back to ``16-mixed`` (fp16 autocast and a gradient scaler) on a GPU
+    without bf16.
+    """
     if precision:
         return str(precision)
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
+    if not torch.cuda.is_available():
+        return "32-true"
+    if gpu_precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+        return "16-mixed"
+    return str(gpu_precision)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from agree.checks import ConfigError, check_evaluate_config
+from agree.checks import ConfigError, check_data_root, check_evaluate_config
 from agree.config import ensure_data, resolve_device, resolve_path
 from agree.data.datasets import ImageArrays, mask_entity
 from agree.data.formats import (
@@ -98,11 +98,21 @@ def ground_truth(
 
 
 def entity_texts(
-    caption: str, entities: list[str], max_entities: int, max_words: int
+    caption: str, entities: list[str], max_entities: int, max_words: int | None, ignore_case: bool = True
 ) -> tuple[list[str], list[str]]:
-    """(prompts, masked captions) of a caption's usable entities."""
-    kept = [e for e in entities if len(e.split(" ")) <= max_words][:max_entities]
-    return [PROMPT_TEMPLATE.format(entity=e) for e in kept], [mask_entity(caption, e) for e in kept]
+    """(prompts, masked captions) of a caption's first ``max_entities`` entities of at most
+    ``max_words`` words (None: any length, as the release at test time)."""
+    kept = [e for e in entities if max_words is None or len(e.split(" ")) <= max_words][:max_entities]
+    return [PROMPT_TEMPLATE.format(entity=e) for e in kept], [
+        mask_entity(caption, e, ignore_case) for e in kept
+    ]
+
+
+def release_slots(texts: list[TestText], segs: dict[str, list[str]], max_entities: int) -> torch.Tensor:
+    """[T, max_entities] bool: the release's feature files hold 10 vectors per query, of which the
+    first ``min(len(items), 10)`` are real and the rest are the features of ``""``."""
+    counts = torch.tensor([min(len(segs.get(t.query_id, [])), max_entities) for t in texts])
+    return torch.arange(max_entities)[None, :] < counts[:, None]
 
 
 def _encode_texts(model, tokenizer, texts: list[str], batch_size: int, device, desc: str) -> torch.Tensor:
@@ -120,7 +130,7 @@ def model_features(
     npz.require(image_ids, "test image_id")
     pretrained = str(resolve_path(cfg.ckpt_path)) if cfg.ckpt_path else cfg.model.pretrained
     model = create_clip(cfg.model.name, pretrained).to(device).eval()
-    tokenizer = get_tokenizer(cfg.model.name)
+    tokenizer = get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation)
     loader = torch.utils.data.DataLoader(
         ImageArrays(npz, image_ids, "test image_id"), batch_size=cfg.batch_size
     )
@@ -130,7 +140,10 @@ def model_features(
         return text_features, image_features, None
     e = cfg.rerank
     per_query = [
-        entity_texts(t.text, segs.get(t.query_id, []), e.max_entities, e.max_entity_words) for t in texts
+        entity_texts(
+            t.text, segs.get(t.query_id, []), e.max_entities, e.max_entity_words, cfg.text.mask_ignore_case
+        )
+        for t in texts
     ]
     valid = torch.zeros(len(texts), e.max_entities, dtype=torch.bool)
     for i, (prompts, _) in enumerate(per_query):
@@ -160,8 +173,13 @@ def _in_order(ids: list[str], wanted: list[str], path, what: str) -> np.ndarray:
     return np.array([index[key] for key in wanted], dtype=np.int64)
 
 
-def jsonl_features(cfg: DictConfig, texts: list[TestText], images: list[TestImage]):
-    """(text features, image features, entity features or None) from reference JSONL files."""
+def jsonl_features(
+    cfg: DictConfig, texts: list[TestText], images: list[TestImage], segs: dict[str, list[str]] | None = None
+):
+    """(text features, image features, entity features or None) from reference JSONL files.
+
+    With ``segs`` (``features.mask_padding``), only each query's real entity slots count in EGR.
+    """
     f = cfg.features
     image_ids, image_rows = read_feature_jsonl(resolve_path(f.image_jsonl), "image_id")
     text_ids, text_rows = read_feature_jsonl(resolve_path(f.text_jsonl), "query_id")
@@ -192,7 +210,10 @@ def jsonl_features(cfg: DictConfig, texts: list[TestText], images: list[TestImag
             raise DataFormatError(
                 f"{f.prompt_jsonl} and {f.mask_jsonl} list different numbers of entities per query"
             )
-        entities = EntityFeatures(slots[0][0], slots[1][0], slots[0][1])
+        valid = slots[0][1]
+        if segs is not None:
+            valid = valid & release_slots(texts, segs, cfg.rerank.max_entities)
+        entities = EntityFeatures(slots[0][0], slots[1][0], valid)
     return torch.from_numpy(text_rows), torch.from_numpy(image_rows), entities
 
 
@@ -212,7 +233,24 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("image_jsonl", "text_jsonl", "prompt_jsonl", "mask_jsonl"):
         if f[key] and not resolve_path(f[key]).is_file():
             raise ConfigError(f"features.{key}={f[key]}: file not found")
+    _check_entity_counts(cfg)
     check_evaluate_config(cfg)
+
+
+def _check_entity_counts(cfg: DictConfig) -> None:
+    """``features.mask_padding`` on JSONL entity features needs each query's entity count (text_segs)."""
+    f = cfg.features
+    if not (f.image_jsonl and "egr" in cfg.rerank.stages and f.mask_padding) or cfg.annotations.text_segs:
+        return
+    uses_data_root = not (cfg.annotations.images and cfg.annotations.texts)
+    layout = check_data_root(cfg.data) if uses_data_root else None
+    if uses_data_root and (layout is None or layout.test_text_segs.is_file()):
+        return  # generated data (which has its text_segs), or the file under data.root
+    raise ConfigError(
+        "features.mask_padding=true needs each query's entity count: set annotations.text_segs="
+        "<flickr30k_test_texts_segs.jsonl>, or features.mask_padding=false (method=reference) to "
+        "score all 10 vectors as the release does"
+    )
 
 
 def report_inputs(texts_file: Path, images_file: Path, layout: ReleaseLayout | None) -> dict:
@@ -237,11 +275,12 @@ def load_test_set(cfg: DictConfig) -> TestSet:
     texts, images = read_test_texts(texts_file), read_test_images(images_file)
     positives = ground_truth(texts, images, (texts_file, images_file))  # fails early on inconsistent ids
     inputs = report_inputs(texts_file, images_file, layout)
-    if from_files:
-        return TestSet(texts, images, positives, *jsonl_features(cfg, texts, images), report_inputs=inputs)
     segs = None
-    if "egr" in cfg.rerank.stages:
+    if "egr" in cfg.rerank.stages and (not from_files or cfg.features.mask_padding):
         segs = read_text_segs(resolve_path(a.text_segs) if a.text_segs else layout.test_text_segs)
+    if from_files:
+        features = jsonl_features(cfg, texts, images, segs)
+        return TestSet(texts, images, positives, *features, report_inputs=inputs)
     features = model_features(cfg, texts, images, segs, layout)
     return TestSet(texts, images, positives, *features, report_inputs=inputs)
 

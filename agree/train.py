@@ -15,7 +15,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from agree.callbacks import logging_callbacks
-from agree.checks import ConfigError, check_loss_weights, check_train_config, resume_path
+from agree.checks import (
+    ConfigError,
+    check_loss_weights,
+    check_train_config,
+    device_batch_size,
+    resume_path,
+)
 from agree.config import data_layout, resolve_precision, scene_config
 from agree.data.datamodule import AgreeDataModule
 from agree.data.datasets import inputs_for
@@ -90,18 +96,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         betas=tuple(cfg.optim.betas),
         eps=cfg.optim.eps,
         warmup_steps=cfg.optim.warmup_steps,
-    )
-    datamodule = AgreeDataModule(
-        data_layout(cfg.data),
-        get_tokenizer(cfg.model.name),
-        batch_size=cfg.data.batch_size,
-        val_batch_size=cfg.data.val_batch_size,
-        num_workers=cfg.data.num_workers,
-        needs=inputs_for(weights),
-        max_entities=cfg.data.max_entities,
-        max_entity_words=cfg.data.max_entity_words,
-        synthetic=scene_config(cfg.data),
-        seed=cfg.seed,
+        margin_gradient=cfg.loss_options.margin_gradient,
+        exempt_1d=cfg.optim.exempt_1d,
+        schedule_epochs=cfg.optim.schedule_epochs,
     )
     checkpoints = ModelCheckpoint(
         dirpath=out / "checkpoints",
@@ -110,7 +107,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         every_n_train_steps=cfg.checkpoint.every_n_train_steps,
     )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision"))
+    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision"), cfg.gpu_precision)
     if trainer_cfg.get("enable_progress_bar") is None:
         trainer_cfg["enable_progress_bar"] = interactive()
     logger = build_logger(cfg)
@@ -121,6 +118,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         callbacks=callbacks,
         default_root_dir=out,
         plugins=[AtomicCheckpointIO()],
+    )
+    datamodule = AgreeDataModule(
+        data_layout(cfg.data),
+        get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation),
+        batch_size=device_batch_size(cfg.data, trainer.world_size, trainer.accumulate_grad_batches),
+        val_batch_size=cfg.data.val_batch_size,
+        num_workers=cfg.data.num_workers,
+        needs=inputs_for(weights),
+        max_entities=cfg.data.max_entities,
+        max_entity_words=cfg.data.max_entity_words,
+        synthetic=scene_config(cfg.data),
+        seed=cfg.seed,
+        fallback_mask=cfg.data.fallback_mask,
+        mask_ignore_case=cfg.text.mask_ignore_case,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

@@ -29,8 +29,15 @@ def config(name, *overrides):
         return compose(name, list(overrides))
 
 
+EVALUATE_EXPERIMENTS = {"flickr30k_zeroshot"}  # presets of agree.evaluate; the others are agree.train's
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment):
+    if experiment in EVALUATE_EXPERIMENTS:
+        cfg = config("evaluate", f"+experiment={experiment}", "output_dir=x")
+        assert cfg.model.name and cfg.rerank.stages
+        return
     cfg = config("train", f"+experiment={experiment}", "output_dir=x")
     assert cfg.model.name and loss_weights(cfg)["clip"] > 0
 

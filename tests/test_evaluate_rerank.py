@@ -76,6 +76,7 @@ def jsonl_config(root, out, paths, **replace):
         "model.name=no-model-needed",
         f"annotations.images={root}/annotation/flickr30k_test_images.jsonl",
         f"annotations.texts={root}/annotation/flickr30k_test_texts.jsonl",
+        f"annotations.text_segs={root}/annotation/flickr30k_test_texts_segs.jsonl",
         f"features.image_jsonl={paths['images']}",
         f"features.text_jsonl={paths['texts']}",
         f"features.prompt_jsonl={paths['entity_prompts']}",

@@ -92,9 +92,11 @@ class AgreeDataModule(L.LightningDataModule):
         max_entity_words: int = 7,
         synthetic: SceneConfig | None = None,
         seed: int = 0,
+        fallback_mask: str = "black",
+        mask_ignore_case: bool = True,
     ):
         super().__init__()
-        self.seed = seed
+        self.seed, self.fallback_mask, self.mask_ignore_case = seed, fallback_mask, mask_ignore_case
         self.layout, self.tokenizer, self.synthetic = layout, tokenizer, synthetic
         self.needs, self.max_entities, self.max_entity_words = needs, max_entities, max_entity_words
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
@@ -139,6 +141,7 @@ class AgreeDataModule(L.LightningDataModule):
             self.max_entities,
             self.max_entity_words,
             self.seed,
+            self.fallback_mask,
         )
         self.val_set = ValImages(
             read_val_records(self.layout.val_records),
@@ -156,7 +159,7 @@ class AgreeDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=EpochSampler(self.train_set, self.seed, replicas, rank),
             drop_last=True,
-            collate_fn=CollateTrain(self.tokenizer, self.needs, self.max_entities),
+            collate_fn=CollateTrain(self.tokenizer, self.needs, self.max_entities, self.mask_ignore_case),
             **self._workers(),
         )
         if self._loader_state is not None:

@@ -17,8 +17,14 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 BLACK = tuple(float(v) for v in (0.0 - CLIP_MEAN) / CLIP_STD)  # black pixels, CLIP-normalised
 
 
-def mask_entity(caption: str, entity: str) -> str:
-    """``caption`` with ``entity`` replaced by ``[MASK]``, ignoring case (entities are lower-cased)."""
+def mask_entity(caption: str, entity: str, ignore_case: bool = True) -> str:
+    """``caption`` with every occurrence of ``entity`` replaced by ``[MASK]``.
+
+    Entities are lower-cased, so by default case is ignored ("Four men" is masked for "four men");
+    ``ignore_case=False`` is the release's ``caption.replace(entity, "[MASK]")``.
+    """
+    if not ignore_case:
+        return caption.replace(entity, "[MASK]")
     return re.sub(re.escape(entity), "[MASK]", caption, flags=re.IGNORECASE)
 
 
@@ -62,13 +68,26 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, epoch, index)) & 0xFFFF_FFFF_FFFF_FFFF)
 
 
-def random_square(image: torch.Tensor, side: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The fallback mask: ``image`` with a black ``side``×``side`` square at a random place."""
+FALLBACK_MASKS = ("black", "clipped_grey")
+
+
+def random_square(
+    image: torch.Tensor, side: int, generator: torch.Generator | None = None, style: str = "black"
+) -> torch.Tensor:
+    """The fallback mask: ``image`` with a ``side``×``side`` square blanked at a random place.
+
+    ``black``: black pixels, the whole square inside the image. ``clipped_grey``: the release's
+    square, 0 in CLIP-normalised space (the mean colour), its top-left corner anywhere in the
+    image, so it is clipped at the right and bottom borders.
+    """
+    if style not in FALLBACK_MASKS:
+        raise ValueError(f"fallback mask {style!r}: choose one of {FALLBACK_MASKS}")
     size = image.shape[-1]
-    y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=generator))
-    black = torch.tensor(BLACK, dtype=image.dtype)[:, None, None]
+    high = size if style == "clipped_grey" else size - side + 1
+    y, x = (int(v) for v in torch.randint(0, high, (2,), generator=generator))
+    fill = torch.tensor(BLACK if style == "black" else (0.0, 0.0, 0.0), dtype=image.dtype)[:, None, None]
     masked = image.clone()
-    masked[:, y : y + side, x : x + side] = black
+    masked[:, y : y + side, x : x + side] = fill  # slicing clips the square at the borders
     return masked
 
 
@@ -77,7 +96,7 @@ class TrainCaptions(Dataset):
 
     Entities longer than ``max_entity_words`` words are dropped and at most ``max_entities``
     kept. Without a VG object for the image (or a grounded entity), the sample's own image and
-    caption stand in, with a random black square (32 px at 224) as the mask.
+    caption stand in, with a random square (32 px at 224, ``fallback_mask`` style) as the mask.
 
     Items are looked up by index or by ``(index, epoch)`` (``datamodule.EpochSampler``); the
     random draws (VG image, square) come from ``item_generator(seed, epoch, index)``, so a
@@ -93,9 +112,10 @@ class TrainCaptions(Dataset):
         max_entities: int = 5,
         max_entity_words: int = 7,
         seed: int = 0,
+        fallback_mask: str = "black",
     ):
         images.require([r.image_key for r in records], "train image_id")
-        self.seed = seed
+        self.seed, self.fallback_mask = seed, fallback_mask
         self.records, self.images, self.needs = records, images, needs
         self.sources = sources or EntitySources()
         self.max_entities, self.max_entity_words = max_entities, max_entity_words
@@ -140,7 +160,7 @@ class TrainCaptions(Dataset):
             drawn = self._vg_draw(record, generator)
             if drawn is None:
                 item["vg_image"], item["vg_text"] = image, record.caption
-                item["vg_masked"] = random_square(image, self.square, generator)
+                item["vg_masked"] = random_square(image, self.square, generator, self.fallback_mask)
             else:
                 word, vg_id = drawn
                 item["vg_image"] = torch.from_numpy(self.sources.vg_images[vg_id]).float()
@@ -150,7 +170,7 @@ class TrainCaptions(Dataset):
         if "ground_masked" in self.needs:
             label = grounded_label(record)
             item["ground_masked"] = (
-                random_square(image, self.square, generator)
+                random_square(image, self.square, generator, self.fallback_mask)
                 if label is None
                 else torch.from_numpy(self.sources.grounding[f"{record.flickr_id}_{label}"]).float()
             )
@@ -204,8 +224,15 @@ class CollateTrain:
     Only valid slots are tokenized (and later encoded): padding never becomes text.
     """
 
-    def __init__(self, tokenizer: Tokenizer, needs: frozenset[str] = frozenset(), max_entities: int = 5):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        needs: frozenset[str] = frozenset(),
+        max_entities: int = 5,
+        mask_ignore_case: bool = True,
+    ):
         self.tokenizer, self.needs, self.max_entities = tokenizer, needs, max_entities
+        self.mask_ignore_case = mask_ignore_case
 
     def __call__(self, items: list[dict]) -> dict:
         batch = {
@@ -223,7 +250,7 @@ class CollateTrain:
                     valid[i, j] = True
                     keys[i, j] = text_key(entity)
                     prompts.append(PROMPT_TEMPLATE.format(entity=entity))
-                    masked.append(mask_entity(it["caption"], entity))
+                    masked.append(mask_entity(it["caption"], entity, self.mask_ignore_case))
             batch["entity_valid"], batch["entity_keys"] = valid, keys
             for name, texts in (("prompts", prompts), ("masked_captions", masked)):
                 if name in self.needs:

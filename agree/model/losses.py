@@ -108,16 +108,19 @@ def margin_ranking_loss(
     margin: float = 0.0,
     valid: torch.Tensor | None = None,
     global_size: int | None = None,
+    gradient: bool = True,
 ) -> torch.Tensor:
     """``Σ max(0, margin − τ·(pos − neg)) / τ`` over the local rows (and slots), as the reference.
 
     positive: [n] or [n, E] (broadcast against negative); negative: [n] or [n, E] similarities;
     valid: mask of the pairs that count; global_size: rows of the whole global batch (for the
-    rank share, default n). Unlike the reference, the result carries gradients.
+    rank share, default n). ``gradient=False`` is the release's defect: the hinge is rebuilt from
+    Python floats, so only the division by τ reaches the logit scale.
     """
     if positive.dim() < negative.dim():
         positive = positive[:, None]
-    hinge = F.relu(margin - logit_scale * (positive - negative)) / logit_scale
+    hinge = F.relu(margin - logit_scale * (positive - negative))
+    hinge = (hinge if gradient else hinge.detach()) / logit_scale
     if valid is not None:
         hinge = hinge * valid
     n = negative.shape[0]

@@ -16,13 +16,18 @@ from agree.retrieval.metrics import RetrievalRecallMetric
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as the reference: decay on weight matrices only, none on gains, biases, logit scale."""
+def parameter_groups(model: torch.nn.Module, weight_decay: float, exempt_1d: bool = True) -> list[dict]:
+    """AdamW groups: no decay on parameters named ``bn``, ``ln``, ``bias`` or ``logit_scale``.
+
+    ``exempt_1d`` also exempts every other parameter with fewer than 2 dimensions (gains and
+    embeddings such as ``class_embedding``); the release decays those.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        by_name = "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        exempt = by_name or (exempt_1d and param.ndim < 2)
         (no_decay if exempt else decay).append(param)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
@@ -33,6 +38,16 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def schedule_steps(trainer: L.Trainer, schedule_epochs: int | None) -> int:
+    """Optimiser steps of the cosine schedule: the whole run, or ``schedule_epochs`` epochs of it
+    (the release decays over 50 epochs and keeps the checkpoint of epoch 2)."""
+    total = trainer.estimated_stepping_batches  # also sets up the train loader
+    if schedule_epochs is None:
+        return int(total)
+    per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+    return int(schedule_epochs * per_epoch)
 
 
 def gather_rows(x: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, int]:
@@ -63,8 +78,11 @@ def agree_losses(
     weights: dict[str, float],
     margin: float = 0.0,
     skip_duplicate_negatives: bool = True,
+    margin_gradient: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Each enabled loss (weight > 0), unweighted, for one batch of ``CollateTrain``.
+
+    ``margin_gradient=False`` reproduces the release's margin losses, which train nothing.
 
     All image variants go through the image tower in one call and all text variants
     (captions, entity prompts, masked captions, VG prompts) through the text tower in one call.
@@ -122,7 +140,9 @@ def agree_losses(
             .masked_scatter(valid[..., None], f["masked"])
         )
         negative = (f["image"][:, None] * masked).sum(-1)
-        out["text_mask"] = losses.margin_ranking_loss(positive, negative, scale, margin, valid, global_n)
+        out["text_mask"] = losses.margin_ranking_loss(
+            positive, negative, scale, margin, valid, global_n, margin_gradient
+        )
     if "vg_contrast" in on:
         vg_all, _ = gather_rows(f["vg"])
         vg_prompt_all, _ = gather_rows(f["vg_prompt"])
@@ -133,11 +153,13 @@ def agree_losses(
     if "vg_mask" in on:
         vg_positive = (f["vg"] * f["vg_prompt"]).sum(-1)
         vg_negative = (f["vg_masked"] * f["vg_prompt"]).sum(-1)
-        out["vg_mask"] = losses.margin_ranking_loss(vg_positive, vg_negative, scale, margin, None, global_n)
+        out["vg_mask"] = losses.margin_ranking_loss(
+            vg_positive, vg_negative, scale, margin, None, global_n, margin_gradient
+        )
     if "ground_mask" in on:
         ground_negative = (f["ground_masked"] * f["caption"]).sum(-1)
         out["ground_mask"] = losses.margin_ranking_loss(
-            positive, ground_negative, scale, margin, None, global_n
+            positive, ground_negative, scale, margin, None, global_n, margin_gradient
         )
     return out
 
@@ -157,6 +179,9 @@ class AgreeModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
         warmup_steps: int = 100,
+        margin_gradient: bool = True,
+        exempt_1d: bool = True,
+        schedule_epochs: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -169,7 +194,9 @@ class AgreeModule(L.LightningModule):
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Each enabled loss, unweighted."""
         hp = self.hparams
-        return agree_losses(self.model, batch, self.loss_weights, hp.margin, hp.skip_duplicate_negatives)
+        return agree_losses(
+            self.model, batch, self.loss_weights, hp.margin, hp.skip_duplicate_negatives, hp.margin_gradient
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         parts = self.compute_losses(batch)
@@ -206,9 +233,12 @@ class AgreeModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps
+            parameter_groups(self.model, hp.weight_decay, hp.exempt_1d),
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
         )
-        total = self.trainer.estimated_stepping_batches
+        total = schedule_steps(self.trainer, hp.schedule_epochs)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total)
         )
