@@ -22,9 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from agree.checks import ConfigError, check_data_root, check_evaluate_config
 from agree.config import ensure_data, resolve_device, resolve_path
-from agree.data.datasets import ImageArrays, mask_entity
+from agree.data.datasets import ImageArrays, slot_texts
 from agree.data.formats import (
-    PROMPT_TEMPLATE,
     DataFormatError,
     NpzImages,
     ReleaseLayout,
@@ -98,14 +97,17 @@ def ground_truth(
 
 
 def entity_texts(
-    caption: str, entities: list[str], max_entities: int, max_words: int | None, ignore_case: bool = True
+    caption: str,
+    entities: list[str],
+    max_entities: int,
+    max_words: int | None,
+    ignore_case: bool = True,
+    encode_empty_slots: bool = False,
 ) -> tuple[list[str], list[str]]:
     """(prompts, masked captions) of a caption's first ``max_entities`` entities of at most
-    ``max_words`` words (None: any length, as the release at test time)."""
-    kept = [e for e in entities if max_words is None or len(e.split(" ")) <= max_words][:max_entities]
-    return [PROMPT_TEMPLATE.format(entity=e) for e in kept], [
-        mask_entity(caption, e, ignore_case) for e in kept
-    ]
+    ``max_words`` words (None: any length, as the release at test time); see ``slot_texts``."""
+    kept = [e for e in entities if max_words is None or len(e.split(" ")) <= max_words]
+    return slot_texts(caption, kept, max_entities, ignore_case, encode_empty_slots)
 
 
 def release_slots(texts: list[TestText], segs: dict[str, list[str]], max_entities: int) -> torch.Tensor:
@@ -141,7 +143,12 @@ def model_features(
     e = cfg.rerank
     per_query = [
         entity_texts(
-            t.text, segs.get(t.query_id, []), e.max_entities, e.max_entity_words, cfg.text.mask_ignore_case
+            t.text,
+            segs.get(t.query_id, []),
+            e.max_entities,
+            e.max_entity_words,
+            cfg.text.mask_ignore_case,
+            cfg.text.encode_empty_slots,
         )
         for t in texts
     ]

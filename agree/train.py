@@ -132,6 +132,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         seed=cfg.seed,
         fallback_mask=cfg.data.fallback_mask,
         mask_ignore_case=cfg.text.mask_ignore_case,
+        encode_empty_slots=cfg.text.encode_empty_slots,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

@@ -25,7 +25,8 @@ from omegaconf import OmegaConf
 from agree.checks import ConfigError, device_batch_size
 from agree.config import resolve_precision
 from agree.data.datasets import BLACK, CollateTrain, random_square
-from agree.evaluate import entity_texts, evaluate
+from agree.data.formats import read_test_images, read_test_texts, read_text_segs
+from agree.evaluate import entity_texts, evaluate, model_features
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
 from agree.model.module import agree_losses
 from agree.train import train
@@ -238,6 +239,67 @@ def test_row10_margin_losses_gradient(method, tiny_batch):
         assert ours["logit_scale"].item() == pytest.approx(model.logit_scale.grad.item(), rel=1e-5)
     else:
         assert towers
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_entity_slots_in_training_losses(method, tiny_batch):
+    model, _ = tiny_batch
+    cfg = train_config(method)
+    tokenizer = get_tokenizer("agree-tiny")
+    options = (cfg.text.mask_ignore_case, cfg.text.encode_empty_slots)
+    collate = CollateTrain(tokenizer, frozenset({"prompts", "masked_captions"}), 5, *options)
+    captions = ["a red circle left of a blue square", "two men on a bench", "a dog"]
+    entities = [["a red circle", "a blue square"], ["two men"], ["a dog"]]
+    torch.manual_seed(1)
+    items = [
+        {"image": torch.randn(3, 64, 64), "caption": c, "image_key": i, "entities": e}
+        for i, (c, e) in enumerate(zip(captions, entities, strict=True))
+    ]
+    batch = collate(items)
+    got = agree_losses(
+        model, batch, {"prompt": 1.0, "text_mask": 1.0}, 0.0, cfg.loss_options.skip_duplicate_negatives
+    )
+    scale = model.logit_scale.exp().detach()
+    with torch.no_grad():
+        image, text = encode_image(model, batch["images"]), encode_text(model, batch["captions"])
+        positive = (scale * image @ text.t()).diagonal()
+        slots = []
+        for j in range(5):  # data.py pads the prompts and masked captions of every caption to 5 with ""
+            rows = [i for i, e in enumerate(entities) if j < len(e)]
+            prompts = [f"a photo containing {e[j]}" if j < len(e) else "" for e in entities]
+            masked = [
+                c.replace(e[j], "[MASK]") if j < len(e) else ""
+                for c, e in zip(captions, entities, strict=True)
+            ]
+            p, m = encode_text(model, tokenizer(prompts)), encode_text(model, tokenizer(masked))
+            slots.append((rows, p, (scale * image @ m.t()).diagonal()))
+    if method == "reference":  # train_all.py: prompt loss averaged over the 5 slots, mask loss summed
+        prompt = sum(release_clip_loss(image, p, scale) for _, p, _ in slots) / 5
+        mask = sum(release_margin_loss(positive, negative, scale) for _, _, negative in slots)
+    else:  # the same over the real slots only
+        used = [(rows, p, negative) for rows, p, negative in slots if rows]
+        prompt = sum(release_clip_loss(image[rows], p[rows], scale) for rows, p, _ in used) / len(used)
+        mask = sum(release_margin_loss(positive[rows], negative[rows], scale) for rows, _, negative in used)
+    assert got["prompt"].item() == pytest.approx(prompt.item(), rel=1e-5)
+    assert got["text_mask"].item() == pytest.approx(mask.item(), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_entity_slots_in_zero_shot_features(method, scenes):
+    cfg = config("evaluate", f"method={method}", "rerank=egr", f"data.root={scenes.root}", "device=cpu")
+    texts, images = read_test_texts(scenes.test_texts), read_test_images(scenes.test_images)
+    segs = read_text_segs(scenes.test_text_segs)
+    _, _, entities = model_features(cfg, texts, images, segs, scenes)
+    counts = torch.tensor([min(len(segs[t.query_id]), 10) for t in texts])
+    assert (counts < 10).all()
+    real = torch.arange(10)[None, :] < counts[:, None]
+    if method == "reference":  # eval/data.py: 10 prompts per query, padding with "", all scored
+        assert entities.valid.all()
+        padding = entities.prompts[~real]
+        assert torch.allclose(padding, padding[:1].expand_as(padding), atol=1e-6)  # the features of ""
+        assert not torch.allclose(entities.prompts[real][:1], padding[:1], atol=1e-3)
+    else:
+        assert torch.equal(entities.valid, real) and not entities.prompts[~real].any()
 
 
 # ---------------------------------------------------------------------------------------------

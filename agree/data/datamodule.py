@@ -94,9 +94,11 @@ class AgreeDataModule(L.LightningDataModule):
         seed: int = 0,
         fallback_mask: str = "black",
         mask_ignore_case: bool = True,
+        encode_empty_slots: bool = False,
     ):
         super().__init__()
-        self.seed, self.fallback_mask, self.mask_ignore_case = seed, fallback_mask, mask_ignore_case
+        self.seed, self.fallback_mask = seed, fallback_mask
+        self.mask_ignore_case, self.encode_empty_slots = mask_ignore_case, encode_empty_slots
         self.layout, self.tokenizer, self.synthetic = layout, tokenizer, synthetic
         self.needs, self.max_entities, self.max_entity_words = needs, max_entities, max_entity_words
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
@@ -159,7 +161,9 @@ class AgreeDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=EpochSampler(self.train_set, self.seed, replicas, rank),
             drop_last=True,
-            collate_fn=CollateTrain(self.tokenizer, self.needs, self.max_entities, self.mask_ignore_case),
+            collate_fn=CollateTrain(
+                self.tokenizer, self.needs, self.max_entities, self.mask_ignore_case, self.encode_empty_slots
+            ),
             **self._workers(),
         )
         if self._loader_state is not None:

@@ -28,6 +28,20 @@ def mask_entity(caption: str, entity: str, ignore_case: bool = True) -> str:
     return re.sub(re.escape(entity), "[MASK]", caption, flags=re.IGNORECASE)
 
 
+def slot_texts(
+    caption: str, entities: list[str], slots: int, ignore_case: bool = True, encode_empty_slots: bool = False
+) -> tuple[list[str], list[str]]:
+    """(entity prompts, entity-masked captions) of a caption's first ``slots`` entities.
+
+    With ``encode_empty_slots`` both lists are padded to ``slots`` with ``""``, as the release
+    does (it then encodes and counts the padding).
+    """
+    kept = entities[:slots]
+    empty = [""] * (slots - len(kept)) if encode_empty_slots else []
+    prompts = [PROMPT_TEMPLATE.format(entity=e) for e in kept] + empty
+    return prompts, [mask_entity(caption, e, ignore_case) for e in kept] + empty
+
+
 def text_key(text: str) -> int:
     """A stable id of a text (the same on every rank), to spot duplicate pairs in a batch."""
     return zlib.crc32(text.encode("utf-8"))
@@ -221,7 +235,9 @@ class ImageArrays(Dataset):
 class CollateTrain:
     """Stack images, tokenize texts, and lay entity slots out as [B, max_entities] with a mask.
 
-    Only valid slots are tokenized (and later encoded): padding never becomes text.
+    Only valid slots are tokenized (and later encoded): padding never becomes text, unless
+    ``encode_empty_slots`` (the release), where every empty slot is the text ``""``, counted as
+    a real slot.
     """
 
     def __init__(
@@ -230,9 +246,10 @@ class CollateTrain:
         needs: frozenset[str] = frozenset(),
         max_entities: int = 5,
         mask_ignore_case: bool = True,
+        encode_empty_slots: bool = False,
     ):
         self.tokenizer, self.needs, self.max_entities = tokenizer, needs, max_entities
-        self.mask_ignore_case = mask_ignore_case
+        self.slot_options = {"ignore_case": mask_ignore_case, "encode_empty_slots": encode_empty_slots}
 
     def __call__(self, items: list[dict]) -> dict:
         batch = {
@@ -246,11 +263,15 @@ class CollateTrain:
             keys = torch.full((len(items), self.max_entities), -1, dtype=torch.long)
             prompts, masked = [], []
             for i, it in enumerate(items):
-                for j, entity in enumerate(it["entities"]):
-                    valid[i, j] = True
-                    keys[i, j] = text_key(entity)
-                    prompts.append(PROMPT_TEMPLATE.format(entity=entity))
-                    masked.append(mask_entity(it["caption"], entity, self.mask_ignore_case))
+                item_prompts, item_masked = slot_texts(
+                    it["caption"], it["entities"], self.max_entities, **self.slot_options
+                )
+                n = len(item_prompts)
+                entities = (it["entities"][:n] + [""] * n)[:n]  # padding slots hold ""
+                valid[i, :n] = True
+                keys[i, :n] = torch.tensor([text_key(e) for e in entities], dtype=torch.long)
+                prompts += item_prompts
+                masked += item_masked
             batch["entity_valid"], batch["entity_keys"] = valid, keys
             for name, texts in (("prompts", prompts), ("masked_captions", masked)):
                 if name in self.needs:
