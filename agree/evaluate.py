@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from agree.checks import ConfigError, check_evaluate_config
-from agree.config import ensure_data, resolve_device, resolve_path
+from agree.config import ensure_data, resolve_device, resolve_model, resolve_path
 from agree.data.datasets import ImageArrays, mask_entity
 from agree.data.formats import (
     PROMPT_TEMPLATE,
@@ -223,6 +223,8 @@ def report_inputs(texts_file: Path, images_file: Path, layout: ReleaseLayout | N
         "images": str(images_file),
         "images_npz": str(npz) if npz is not None and npz.is_file() else None,
         "image_size": layout.image_size if layout is not None else None,
+        "mean": list(layout.mean) if layout is not None else None,
+        "std": list(layout.std) if layout is not None else None,
     }
 
 
@@ -231,7 +233,10 @@ def load_test_set(cfg: DictConfig) -> TestSet:
     check_config(cfg)
     from_files = bool(cfg.features.image_jsonl)
     a = cfg.annotations
-    layout = None if from_files and a.images and a.texts else ensure_data(cfg.data)
+    layout = None
+    if not (from_files and a.images and a.texts):
+        resolve_model(cfg)
+        layout = ensure_data(cfg.data)
     texts_file = resolve_path(a.texts) if a.texts else layout.test_texts
     images_file = resolve_path(a.images) if a.images else layout.test_images
     texts, images = read_test_texts(texts_file), read_test_images(images_file)

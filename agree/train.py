@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from agree.callbacks import logging_callbacks
 from agree.checks import ConfigError, check_loss_weights, check_train_config, resume_path
-from agree.config import data_layout, resolve_precision, scene_config
+from agree.config import data_layout, resolve_model, resolve_precision, scene_config
 from agree.data.datamodule import AgreeDataModule
 from agree.data.datasets import inputs_for
 from agree.io import write_json, write_torch
@@ -59,6 +59,7 @@ class FinalCheckpoint(Callback):
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Train as ``cfg`` says; return the final validation metrics and the objects used."""
+    resolve_model(cfg)
     check_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)

@@ -17,6 +17,7 @@ from agree.data.formats import (
     read_val_records,
     read_vg_vocab,
 )
+from agree.data.pixels import black
 from agree.data.synthetic import SceneConfig, ensure_generated
 
 
@@ -139,6 +140,7 @@ class AgreeDataModule(L.LightningDataModule):
             self.max_entities,
             self.max_entity_words,
             self.seed,
+            fill=tuple(map(float, black(self.layout.mean, self.layout.std))),
         )
         self.val_set = ValImages(
             read_val_records(self.layout.val_records),

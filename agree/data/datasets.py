@@ -11,10 +11,9 @@ import torch
 from torch.utils.data import Dataset
 
 from agree.data.formats import NO_GROUNDING_LABEL, PROMPT_TEMPLATE, NpzImages, TrainRecord, ValRecord
-from agree.data.synthetic import CLIP_MEAN, CLIP_STD
+from agree.data.pixels import black
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
-BLACK = tuple(float(v) for v in (0.0 - CLIP_MEAN) / CLIP_STD)  # black pixels, CLIP-normalised
 
 
 def mask_entity(caption: str, entity: str) -> str:
@@ -62,13 +61,20 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, epoch, index)) & 0xFFFF_FFFF_FFFF_FFFF)
 
 
-def random_square(image: torch.Tensor, side: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The fallback mask: ``image`` with a black ``side``×``side`` square at a random place."""
+def random_square(
+    image: torch.Tensor,
+    side: int,
+    generator: torch.Generator | None = None,
+    fill: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """The fallback mask: ``image`` with a ``side``×``side`` square of the pixel ``fill`` (normalised;
+    default: black under CLIP's normalisation) at a random place."""
     size = image.shape[-1]
     y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=generator))
-    black = torch.tensor(BLACK, dtype=image.dtype)[:, None, None]
     masked = image.clone()
-    masked[:, y : y + side, x : x + side] = black
+    masked[:, y : y + side, x : x + side] = torch.as_tensor(black() if fill is None else fill).to(image)[
+        :, None, None
+    ]
     return masked
 
 
@@ -93,8 +99,10 @@ class TrainCaptions(Dataset):
         max_entities: int = 5,
         max_entity_words: int = 7,
         seed: int = 0,
+        fill: Sequence[float] | None = None,
     ):
         images.require([r.image_key for r in records], "train image_id")
+        self.fill = fill  # the fallback square's pixel: black in the images' normalisation
         self.seed = seed
         self.records, self.images, self.needs = records, images, needs
         self.sources = sources or EntitySources()
@@ -140,7 +148,7 @@ class TrainCaptions(Dataset):
             drawn = self._vg_draw(record, generator)
             if drawn is None:
                 item["vg_image"], item["vg_text"] = image, record.caption
-                item["vg_masked"] = random_square(image, self.square, generator)
+                item["vg_masked"] = random_square(image, self.square, generator, self.fill)
             else:
                 word, vg_id = drawn
                 item["vg_image"] = torch.from_numpy(self.sources.vg_images[vg_id]).float()
@@ -150,7 +158,7 @@ class TrainCaptions(Dataset):
         if "ground_masked" in self.needs:
             label = grounded_label(record)
             item["ground_masked"] = (
-                random_square(image, self.square, generator)
+                random_square(image, self.square, generator, self.fill)
                 if label is None
                 else torch.from_numpy(self.sources.grounding[f"{record.flickr_id}_{label}"]).float()
             )
