@@ -41,6 +41,7 @@ def example_rows(
     gallery: int = 64,
     k: int = 5,
     size: int = 64,
+    normalisation: dict | None = None,
 ) -> list[list]:
     """Rows of ``example_columns``: the first caption of ``queries`` evenly spaced images of the
     first ``gallery`` validation images, searched among those images (thumbnails ``size`` px)."""
@@ -58,7 +59,8 @@ def example_rows(
         top = ranked[:k]
         shown = [
             wandb.Image(
-                thumbnail(items[i]["image"].numpy(), size), caption="ground truth" if i == truth else ""
+                thumbnail(items[i]["image"].numpy(), size, **(normalisation or {})),
+                caption="ground truth" if i == truth else "",
             )
             for i in top
         ]
@@ -87,5 +89,6 @@ class RetrievalExamples(Callback):
             self.gallery,
             self.k,
             self.size,
+            {"mean": datamodule.layout.mean, "std": datamodule.layout.std},
         )
         loggers[0].log_table(self.key, example_columns(self.k), rows, step=trainer.global_step)

@@ -11,7 +11,7 @@ from pathlib import Path
 import open_clip
 from omegaconf import DictConfig, OmegaConf
 
-from agree.config import data_layout, resolve_path
+from agree.config import data_layout, resolve_model, resolve_path
 from agree.data.datasets import FALLBACK_MASKS, LOSS_INPUTS
 from agree.data.formats import ReleaseLayout
 from agree.model import clip  # noqa: F401  (registers the tiny model config with open_clip)
@@ -186,6 +186,7 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.fallback_mask={cfg.data.fallback_mask}: choose one of {list(FALLBACK_MASKS)}"
         )
+    resolve_model(cfg)  # the model's own image size and normalisation, where the config leaves them null
     layout = check_data_root(cfg.data)
     if layout is not None:
         check_training_data(layout, weights)
@@ -208,6 +209,7 @@ def check_evaluate_config(cfg: DictConfig) -> None:
             )
     if from_files and annotations.images and annotations.texts:
         return  # no model, no data folder
+    resolve_model(cfg)
     layout = check_data_root(cfg.data)
     if layout is not None:
         needed = {"texts": layout.test_texts, "images": layout.test_images}

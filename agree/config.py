@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from agree.data.formats import ReleaseLayout
 from agree.data.synthetic import SceneConfig, ensure_generated
@@ -19,16 +19,54 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def resolve_model(cfg: DictConfig) -> None:
+    """Fill ``model.image_size``, ``model.mean`` and ``model.std`` left at null with open_clip's values
+    for ``model.name`` and the ``model.pretrained`` tag (the data config interpolates them).
+
+    An unknown model or tag is left for the config checks to report; a weights file or checkpoint
+    gets the architecture's defaults (OpenAI's normalisation), which ``model.mean``/``std`` override.
+    """
+    model = cfg.model
+    if all(model.get(key) is not None for key in ("image_size", "mean", "std")):
+        return
+    import open_clip  # here: evaluation from feature files imports no model code
+
+    from agree.model.clip import preprocess_config
+
+    if model.name not in open_clip.list_models():
+        return
+    tag = (
+        model.pretrained if model.pretrained in open_clip.list_pretrained_tags_by_model(model.name) else None
+    )
+    found = preprocess_config(model.name, tag)
+    size = found["size"] if isinstance(found["size"], int) else found["size"][0]
+    with open_dict(cfg):
+        for key, value in (
+            ("image_size", int(size)),
+            ("mean", list(found["mean"])),
+            ("std", list(found["std"])),
+        ):
+            if model.get(key) is None:
+                model[key] = value
+
+
 def data_layout(data: DictConfig) -> ReleaseLayout:
     """The release layout named by the ``data`` config group."""
-    return ReleaseLayout(resolve_path(data.root), resolve_path(data.vg_root), int(data.image_size))
+    return ReleaseLayout(
+        resolve_path(data.root),
+        resolve_path(data.vg_root),
+        int(data.image_size),
+        mean=tuple(map(float, data.mean)),
+        std=tuple(map(float, data.std)),
+    )
 
 
 def scene_config(data: DictConfig) -> SceneConfig | None:
     """The synthetic dataset's parameters, or None for real data."""
-    return (
-        SceneConfig(**OmegaConf.to_container(data.synthetic, resolve=True)) if data.get("synthetic") else None
-    )
+    if not data.get("synthetic"):
+        return None
+    params = OmegaConf.to_container(data.synthetic, resolve=True)
+    return SceneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
 
 
 def ensure_data(data: DictConfig) -> ReleaseLayout:

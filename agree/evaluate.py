@@ -268,6 +268,8 @@ def report_inputs(texts_file: Path, images_file: Path, layout: ReleaseLayout | N
         "images": str(images_file),
         "images_npz": str(npz) if npz is not None and npz.is_file() else None,
         "image_size": layout.image_size if layout is not None else None,
+        "mean": list(layout.mean) if layout is not None else None,
+        "std": list(layout.std) if layout is not None else None,
     }
 
 

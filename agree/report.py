@@ -19,7 +19,7 @@ import html
 import io
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from agree.data.formats import (
     read_test_images,
     read_test_texts,
 )
-from agree.data.synthetic import CLIP_MEAN, CLIP_STD
+from agree.data.pixels import CLIP_MEAN, CLIP_STD
 from agree.evaluate import DIRECTIONS, ground_truth
 from agree.io import atomic_path
 from agree.retrieval.features import load_features
@@ -60,9 +60,12 @@ class ReportError(ValueError):
 # images
 
 
-def thumbnail(image: np.ndarray, size: int) -> Image.Image:
-    """An RGB picture of a CLIP-normalised [3, S, S] array, resized to ``size`` × ``size``."""
-    pixels = np.asarray(image, dtype=np.float32).transpose(1, 2, 0) * CLIP_STD + CLIP_MEAN
+def thumbnail(
+    image: np.ndarray, size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> Image.Image:
+    """An RGB picture of a normalised [3, S, S] array (``mean``/``std``), resized to ``size`` × ``size``."""
+    mean, std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    pixels = np.asarray(image, dtype=np.float32).transpose(1, 2, 0) * std + mean
     picture = Image.fromarray((pixels.clip(0, 1) * 255).round().astype(np.uint8))
     return picture.resize((size, size), Image.Resampling.LANCZOS)
 
@@ -104,8 +107,15 @@ def line_plot(panels: dict[str, dict[str, tuple[list, list]]], xlabel: str, ylab
 class Thumbnails:
     """HTML ``<img>`` tags of test images by index, encoded once each; a labelled box without an npz."""
 
-    def __init__(self, npz: NpzImages | None, image_ids: list[str], size: int = THUMBNAIL):
+    def __init__(
+        self,
+        npz: NpzImages | None,
+        image_ids: list[str],
+        size: int = THUMBNAIL,
+        normalisation: dict | None = None,
+    ):
         self.npz, self.image_ids, self.size, self.cache = npz, image_ids, size, {}
+        self.normalisation = normalisation or {}  # "mean", "std" of the npz images (default: CLIP's)
 
     def __call__(self, index: int) -> str:
         image_id = self.image_ids[index]
@@ -113,7 +123,9 @@ class Thumbnails:
         if self.npz is None:
             return f'<div class="noimg">{label}</div>'
         if index not in self.cache:
-            self.cache[index] = data_uri(png_bytes(thumbnail(self.npz[image_id], self.size)))
+            self.cache[index] = data_uri(
+                png_bytes(thumbnail(self.npz[image_id], self.size, **self.normalisation))
+            )
         return f'<img src="{self.cache[index]}" alt="{label}" title="{label}">'
 
 
@@ -132,6 +144,7 @@ class Evaluation:
     features: dict[str, torch.Tensor]  # "texts", "images"
     lists: dict[str, dict[str, torch.Tensor]]  # per stage and direction, ranked item indices (-1: none)
     npz: NpzImages | None
+    normalisation: dict  # "mean", "std" of the npz images, as recorded by agree.evaluate
 
 
 def aligned_features(directory: Path, name: str, ids: list[str]) -> torch.Tensor:
@@ -199,7 +212,10 @@ def load_evaluation(directory: Path) -> Evaluation:
             }
     npz_path = inputs.get("images_npz")
     npz = NpzImages(npz_path, inputs["image_size"]) if npz_path and Path(npz_path).is_file() else None
-    return Evaluation(results, texts, images, ground_truth(texts, images, files), features, lists, npz)
+    normalisation = {k: inputs[k] for k in ("mean", "std") if inputs.get(k)}  # older outputs: CLIP's
+    return Evaluation(
+        results, texts, images, ground_truth(texts, images, files), features, lists, npz, normalisation
+    )
 
 
 def stage_label(stages: list[str], stage: str) -> str:
@@ -356,7 +372,7 @@ def evaluation_sections(directory: Path, queries: int, seed: int) -> list[str]:
         for d in DIRECTIONS
     }
     png = line_plot(panels, "k", "recall@k (%)", directory / "recall_curves.png")
-    thumbs = Thumbnails(ev.npz, [im.image_id for im in ev.images])
+    thumbs = Thumbnails(ev.npz, [im.image_id for im in ev.images], normalisation=ev.normalisation)
     rng = random.Random(seed)
     sections = [
         f"<h2>Recall</h2>{recall_table(ev.results, labels)}",

@@ -5,7 +5,6 @@ python -m agree.train +experiment=demo [key=value ...]
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import hydra
@@ -26,25 +25,10 @@ from agree.config import data_layout, resolve_precision, scene_config
 from agree.data.datamodule import AgreeDataModule
 from agree.data.datasets import inputs_for
 from agree.io import write_json, write_torch
+from agree.loggers import build_logger
 from agree.model.clip import get_tokenizer
 from agree.model.module import AgreeModule
 from agree.progress import interactive
-
-
-def build_logger(cfg: DictConfig):
-    """The configured Lightning logger; W&B runs offline when no API key is configured."""
-    if cfg.get("logger") is None:
-        return False
-    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
-    if logger_cfg["_target_"].endswith("WandbLogger"):
-        import wandb
-
-        if logger_cfg.get("offline") is None:
-            logger_cfg["offline"] = not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key)
-        logger = hydra.utils.instantiate(logger_cfg)
-        logger.experiment.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
-        return logger
-    return hydra.utils.instantiate(logger_cfg)
 
 
 def loss_weights(cfg: DictConfig) -> dict[str, float]:

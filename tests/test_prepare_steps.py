@@ -15,13 +15,13 @@ from PIL import Image
 
 from agree.data import formats
 from agree.data.formats import DataFormatError, NpzImages
+from agree.data.pixels import CLIP_MEAN, CLIP_STD
 from agree.io import write_jsonl
 from agree.prepare import ConfigError
 from agree.prepare import karpathy as karpathy_step
 from agree.prepare import visual_genome as vg_step
 from agree.prepare.__main__ import main, parse
 from agree.prepare.images import Preprocess
-from agree.prepare.pixels import CLIP_MEAN, CLIP_STD
 from agree.prepare.shards import ShardResult, Shards
 
 from .conftest import SHARED_DATA

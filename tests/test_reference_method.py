@@ -24,8 +24,9 @@ from omegaconf import OmegaConf
 
 from agree.checks import ConfigError, device_batch_size
 from agree.config import resolve_precision
-from agree.data.datasets import BLACK, CollateTrain, random_square
+from agree.data.datasets import CollateTrain, random_square
 from agree.data.formats import read_test_images, read_test_texts, read_text_segs
+from agree.data.pixels import black
 from agree.evaluate import entity_texts, evaluate, model_features
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
 from agree.model.module import agree_losses
@@ -564,7 +565,7 @@ def test_row9_fallback_mask_square(method):
             assert torch.equal(got, torch.from_numpy(release))
             clipped += x0 > 224 - 32 or y0 > 224 - 32
         else:
-            assert len(changed) == 32 * 32 and torch.equal(got[:, x0, y0], torch.tensor(BLACK))
+            assert len(changed) == 32 * 32 and torch.equal(got[:, x0, y0], torch.tensor(black()))
     if method == "reference":
         assert clipped  # corners drawn in [0, 224): some squares are cut at the borders
 
@@ -606,7 +607,13 @@ def job_config(command, *overrides, cli):
 @pytest.mark.parametrize("method", METHODS)
 def test_paper_presets_print_the_release_values(method):
     job = job_config("train", "+experiment=flickr30k_finetune", f"method={method}", cli=method == "reference")
-    assert job["model"] == {"name": "ViT-L-14-quickgelu", "pretrained": "openai", "image_size": 224}
+    assert job["model"] == {
+        "name": "ViT-L-14-quickgelu",
+        "pretrained": "openai",
+        "image_size": 224,
+        "mean": None,
+        "std": None,
+    }  # mean and std: the openai tag's
     assert job["losses"] == dict(
         clip=0.9, prompt=0.03, text_mask=0.1, vg_contrast=0.03, vg_mask=0.15, ground_mask=0.1
     )

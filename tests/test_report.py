@@ -10,6 +10,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
 
+from agree.data.pixels import OPENAI_MEAN, OPENAI_STD
 from agree.data.synthetic import normalise
 from agree.evaluate import evaluate
 from agree.report import CURVE_K, TOP, load_evaluation, main, recall_curves, thumbnail, write_report
@@ -41,6 +42,8 @@ def test_evaluate_records_where_the_report_inputs_are(evaluated, scenes):
         "images": str(scenes.test_images),
         "images_npz": str(scenes.images_npz("test")),
         "image_size": 64,
+        "mean": list(OPENAI_MEAN),
+        "std": list(OPENAI_STD),
     }
 
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from agree.data import formats, synthetic
 from agree.data.formats import NpzImages
+from agree.data.pixels import CLIP_MEAN, CLIP_STD, normalise
 
 from .conftest import SMALL_SCENES
 
@@ -35,9 +36,9 @@ def test_grounded_mask_blanks_exactly_the_entity_box():
     pixels = synthetic.render([obj], 64, 3, rng, noise=0.0)
     box = synthetic.object_box(obj, 64, 3)
     x0, y0, x1, y1 = box
-    full, masked = synthetic.normalise(pixels), synthetic.normalise(pixels, blank=box)
+    full, masked = normalise(pixels), normalise(pixels, blank=box)
     changed = np.any(full != masked, axis=0)
-    black = (0 - synthetic.CLIP_MEAN) / synthetic.CLIP_STD
+    black = (0 - CLIP_MEAN) / CLIP_STD
     assert np.allclose(masked[:, y0:y1, x0:x1], black[:, None, None])
     assert changed[y0:y1, x0:x1].all() and changed.sum() == (y1 - y0) * (x1 - x0)
 

@@ -17,6 +17,7 @@ from agree.data.formats import (
     read_val_records,
     read_vg_vocab,
 )
+from agree.data.pixels import black
 from agree.data.synthetic import SceneConfig, ensure_generated
 
 
@@ -144,6 +145,7 @@ class AgreeDataModule(L.LightningDataModule):
             self.max_entity_words,
             self.seed,
             self.fallback_mask,
+            tuple(map(float, black(self.layout.mean, self.layout.std))),
         )
         self.val_set = ValImages(
             read_val_records(self.layout.val_records),

@@ -11,10 +11,9 @@ import torch
 from torch.utils.data import Dataset
 
 from agree.data.formats import NO_GROUNDING_LABEL, PROMPT_TEMPLATE, NpzImages, TrainRecord, ValRecord
-from agree.data.synthetic import CLIP_MEAN, CLIP_STD
+from agree.data.pixels import black
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
-BLACK = tuple(float(v) for v in (0.0 - CLIP_MEAN) / CLIP_STD)  # black pixels, CLIP-normalised
 
 
 def mask_entity(caption: str, entity: str, ignore_case: bool = True) -> str:
@@ -86,22 +85,29 @@ FALLBACK_MASKS = ("black", "clipped_grey")
 
 
 def random_square(
-    image: torch.Tensor, side: int, generator: torch.Generator | None = None, style: str = "black"
+    image: torch.Tensor,
+    side: int,
+    generator: torch.Generator | None = None,
+    style: str = "black",
+    black_pixel: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """The fallback mask: ``image`` with a ``side``×``side`` square blanked at a random place.
 
-    ``black``: black pixels, the whole square inside the image. ``clipped_grey``: the release's
-    square, 0 in CLIP-normalised space (the mean colour), its top-left corner anywhere in the
-    image, so it is clipped at the right and bottom borders.
+    ``black``: black pixels (``black_pixel``, black in the images' normalisation; default CLIP's),
+    the whole square inside the image. ``clipped_grey``: the release's square, 0 in normalised
+    space (the mean colour), its top-left corner anywhere in the image, so it is clipped at the
+    right and bottom borders.
     """
     if style not in FALLBACK_MASKS:
         raise ValueError(f"fallback mask {style!r}: choose one of {FALLBACK_MASKS}")
     size = image.shape[-1]
     high = size if style == "clipped_grey" else size - side + 1
     y, x = (int(v) for v in torch.randint(0, high, (2,), generator=generator))
-    fill = torch.tensor(BLACK if style == "black" else (0.0, 0.0, 0.0), dtype=image.dtype)[:, None, None]
+    pixel = (black() if black_pixel is None else black_pixel) if style == "black" else (0.0, 0.0, 0.0)
     masked = image.clone()
-    masked[:, y : y + side, x : x + side] = fill  # slicing clips the square at the borders
+    masked[:, y : y + side, x : x + side] = torch.as_tensor(pixel, dtype=image.dtype)[
+        :, None, None
+    ]  # clipped
     return masked
 
 
@@ -127,9 +133,11 @@ class TrainCaptions(Dataset):
         max_entity_words: int = 7,
         seed: int = 0,
         fallback_mask: str = "black",
+        black_pixel: Sequence[float] | None = None,
     ):
         images.require([r.image_key for r in records], "train image_id")
         self.seed, self.fallback_mask = seed, fallback_mask
+        self.black_pixel = black_pixel  # black in the images' normalisation (the fallback square)
         self.records, self.images, self.needs = records, images, needs
         self.sources = sources or EntitySources()
         self.max_entities, self.max_entity_words = max_entities, max_entity_words
@@ -174,7 +182,9 @@ class TrainCaptions(Dataset):
             drawn = self._vg_draw(record, generator)
             if drawn is None:
                 item["vg_image"], item["vg_text"] = image, record.caption
-                item["vg_masked"] = random_square(image, self.square, generator, self.fallback_mask)
+                item["vg_masked"] = random_square(
+                    image, self.square, generator, self.fallback_mask, self.black_pixel
+                )
             else:
                 word, vg_id = drawn
                 item["vg_image"] = torch.from_numpy(self.sources.vg_images[vg_id]).float()
@@ -184,7 +194,7 @@ class TrainCaptions(Dataset):
         if "ground_masked" in self.needs:
             label = grounded_label(record)
             item["ground_masked"] = (
-                random_square(image, self.square, generator, self.fallback_mask)
+                random_square(image, self.square, generator, self.fallback_mask, self.black_pixel)
                 if label is None
                 else torch.from_numpy(self.sources.grounding[f"{record.flickr_id}_{label}"]).float()
             )

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from agree.data.pixels import OPENAI_MEAN, OPENAI_STD
 from agree.io import atomic_path
 
 PROMPT_TEMPLATE = "a photo containing {entity}"
@@ -397,6 +398,8 @@ class ReleaseLayout:
     vg_root: Path
     image_size: int = 224
     prefix: str = "flickr30k"
+    mean: tuple[float, ...] = OPENAI_MEAN  # the npz images' normalisation: the model's
+    std: tuple[float, ...] = OPENAI_STD
 
     def annotation(self, name: str) -> Path:
         return self.root / "annotation" / f"{self.prefix}_{name}"

@@ -22,10 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from agree.data.formats import ReleaseLayout
+from agree.data.pixels import OPENAI_MEAN, OPENAI_STD, normalise
 from agree.io import write_json, write_jsonl, write_npz
-from agree.prepare.pixels import CLIP_MEAN as CLIP_MEAN  # re-exported: datasets.py, tests
-from agree.prepare.pixels import CLIP_STD as CLIP_STD
-from agree.prepare.pixels import normalise
 
 COLORS = {
     "red": (220, 40, 40),
@@ -57,6 +55,18 @@ class SceneConfig:
     binding_variants: int = 3  # images per group sharing shapes and colours, bound differently
     vg_images_per_word: int = 6
     noise: float = 0.04  # pixel noise, as a fraction of the range
+    mean: tuple[float, ...] = OPENAI_MEAN  # normalisation of the npz images: the model's
+    std: tuple[float, ...] = OPENAI_STD
+
+    def params(self) -> dict:
+        """The parameters as JSON values (what the manifest records)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def layout(self, out_dir: str | Path) -> ReleaseLayout:
+        """The release layout of a dataset generated with these parameters under ``out_dir``."""
+        return ReleaseLayout(
+            Path(out_dir), Path(out_dir) / "VG", self.image_size, mean=self.mean, std=self.std
+        )
 
 
 @dataclass(frozen=True)
@@ -188,7 +198,7 @@ def _flickr_id(split: str, index: int) -> int:
 
 def generate(out_dir: str | Path, cfg: SceneConfig = SceneConfig()) -> ReleaseLayout:
     """Write the whole release layout under ``out_dir`` (Visual Genome under ``out_dir/VG``)."""
-    layout = ReleaseLayout(Path(out_dir), Path(out_dir) / "VG", cfg.image_size)
+    layout = cfg.layout(out_dir)
     rng = random.Random(cfg.seed)
     noise_rng = np.random.default_rng(cfg.seed)
     columns = cfg.max_objects
@@ -202,14 +212,14 @@ def generate(out_dir: str | Path, cfg: SceneConfig = SceneConfig()) -> ReleaseLa
             path = f"flickr30k-images/{fid}.jpg"
             pixels = render(scene, cfg.image_size, columns, noise_rng, cfg.noise)
             key = {"train": str(index), "val": str(index), "test": str(fid)}[split]
-            images[key] = normalise(pixels)
+            images[key] = normalise(pixels, mean=cfg.mean, std=cfg.std)
             object_rows.append({"image_id": fid, "image_objects": sorted({o.shape for o in scene})})
             caps = captions(scene, cfg.attributes, rng, cfg.captions_per_image)
             by_phrase = {o.phrase(cfg.attributes): o for o in scene}
             if split == "train":
                 for phrase, obj in by_phrase.items():
                     box = object_box(obj, cfg.image_size, columns)
-                    grounding[f"{fid}_{phrase}"] = normalise(pixels, blank=box)
+                    grounding[f"{fid}_{phrase}"] = normalise(pixels, blank=box, mean=cfg.mean, std=cfg.std)
                 for text, segs in caps:
                     preds = [{seg: round(rng.uniform(0.5, 0.95), 3)} for seg in segs if seg in by_phrase]
                     if rng.random() < 0.3:  # the grounding model's "no specific label" entries
@@ -241,7 +251,7 @@ def generate(out_dir: str | Path, cfg: SceneConfig = SceneConfig()) -> ReleaseLa
             write_jsonl(layout.test_text_segs, seg_rows)
     write_npz(layout.grounding_npz, grounding)
     _write_visual_genome(layout, cfg, rng, noise_rng)
-    write_json(layout.root / MANIFEST, dataclasses.asdict(cfg))
+    write_json(layout.root / MANIFEST, cfg.params())
     return layout
 
 
@@ -263,8 +273,8 @@ def _write_visual_genome(
             ]
             pixels = render(scene, cfg.image_size, 2, noise_rng, cfg.noise)
             x0, y0, x1, y1 = box = object_box(scene[0], cfg.image_size, 2)
-            images[str(vg_id)] = normalise(pixels)
-            masked[f"{word}_{vg_id}"] = normalise(pixels, blank=box)
+            images[str(vg_id)] = normalise(pixels, mean=cfg.mean, std=cfg.std)
+            masked[f"{word}_{vg_id}"] = normalise(pixels, blank=box, mean=cfg.mean, std=cfg.std)
             region = {"object_id": vg_id * 10, "x": x0, "y": y0, "w": x1 - x0, "h": y1 - y0, "names": [word]}
             objects.append({"image_id": vg_id, "object": region})
             vg_id += 1
@@ -278,13 +288,13 @@ def ensure_generated(out_dir: str | Path, cfg: SceneConfig) -> ReleaseLayout:
     """Generate the dataset unless ``out_dir`` already holds it for the same parameters."""
     manifest = Path(out_dir) / MANIFEST
     if manifest.is_file():
-        found = json.loads(manifest.read_text())
-        if found != dataclasses.asdict(cfg):
+        found = {**SceneConfig().params(), **json.loads(manifest.read_text())}  # older manifests lack keys
+        if found != cfg.params():
             raise ValueError(
                 f"{out_dir} holds a scenes dataset made with other parameters ({manifest}); "
                 "delete it or set data.root to another folder"
             )
-        return ReleaseLayout(Path(out_dir), Path(out_dir) / "VG", cfg.image_size)
+        return cfg.layout(out_dir)
     return generate(out_dir, cfg)
 
 
@@ -292,12 +302,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     for field in dataclasses.fields(SceneConfig):
-        parser.add_argument(
-            f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default
+        kind = (
+            {"nargs": 3, "type": float} if isinstance(field.default, tuple) else {"type": type(field.default)}
         )
+        parser.add_argument(f"--{field.name.replace('_', '-')}", default=field.default, **kind)
     args = vars(parser.parse_args(argv))
     out_dir = args.pop("out_dir")
-    generate(out_dir, SceneConfig(**args))
+    generate(out_dir, SceneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}))
     print(f"wrote the scenes dataset to {out_dir}", file=sys.stderr)
 
 

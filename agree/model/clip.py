@@ -12,6 +12,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 open_clip.add_model_config(Path(__file__).parent / "configs")  # the tiny CPU config ("agree-tiny")
 
@@ -52,6 +53,27 @@ def create_clip(name: str, pretrained: str | None = None) -> torch.nn.Module:
     except RuntimeError as e:
         hint = " (no network? put the weights file on disk and pass its path)" if pretrained else ""
         raise ModelLoadError(f"could not load {name} with pretrained={pretrained!r}: {e}{hint}") from e
+
+
+def preprocess_config(name: str, pretrained: str | None = None, image_size: int | None = None) -> dict:
+    """open_clip's evaluation preprocessing of model ``name`` with tag ``pretrained`` (no weights loaded):
+    ``size``, ``mean``, ``std``, interpolation and resize mode. A weights file keeps the defaults."""
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None:
+        raise ModelLoadError(f"model={name!r} is not an open_clip model (see open_clip.list_models())")
+    cfg = merge_preprocess_dict(PreprocessCfg(), model_cfg.get("preprocess_cfg", {}))
+    cfg["size"] = model_cfg.get("vision_cfg", {}).get("image_size", cfg["size"])
+    if pretrained:
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if not tag_cfg and not Path(pretrained).is_file():
+            raise ModelLoadError(
+                f"pretrained={pretrained!r} is not a tag of {name} "
+                f"(tags: {open_clip.list_pretrained_tags_by_model(name)}); use null for the model's defaults"
+            )
+        cfg = merge_preprocess_dict(cfg, tag_cfg)
+    if image_size:
+        cfg["size"] = image_size
+    return cfg
 
 
 def load_training_checkpoint(model: torch.nn.Module, name: str, path: str | Path) -> None:

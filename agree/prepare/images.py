@@ -13,21 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-import open_clip
 from open_clip.transform import (
     MaybeConvertMode,
     MaybeToTensor,
     PreprocessCfg,
     image_transform_v2,
-    merge_preprocess_dict,
 )
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torchvision.transforms import Compose, Normalize
 
 from agree.data.formats import DataFormatError
-from agree.model import clip as _clip  # noqa: F401  (registers the "agree-tiny" model config)
+from agree.data.pixels import Box, normalise
+from agree.model import clip
+from agree.model.clip import ModelLoadError
 from agree.prepare import ConfigError
-from agree.prepare.pixels import Box, normalise
 from agree.prepare.shards import ShardResult
 
 
@@ -51,23 +50,11 @@ def image_file(images: Path, image: str) -> Path:
 
 
 def preprocess_config(model: str, pretrained: str | None = None, image_size: int | None = None) -> dict:
-    """open_clip's preprocessing settings of ``model`` (with tag ``pretrained``), no weights loaded."""
-    model_cfg = open_clip.get_model_config(model)
-    if model_cfg is None:
-        raise ConfigError(f"model={model!r} is not an open_clip model (see open_clip.list_models())")
-    cfg = merge_preprocess_dict(PreprocessCfg(), model_cfg.get("preprocess_cfg", {}))
-    cfg["size"] = model_cfg.get("vision_cfg", {}).get("image_size", cfg["size"])
-    if pretrained:
-        tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
-        if not tag_cfg and not Path(pretrained).is_file():
-            raise ConfigError(
-                f"pretrained={pretrained!r} is not a tag of {model} "
-                f"(tags: {open_clip.list_pretrained_tags_by_model(model)}); use null for the model's defaults"
-            )
-        cfg = merge_preprocess_dict(cfg, tag_cfg)
-    if image_size:
-        cfg["size"] = image_size
-    return cfg
+    """open_clip's preprocessing settings of ``model`` (see ``agree.model.clip``), as a prepare error."""
+    try:
+        return clip.preprocess_config(model, pretrained, image_size)
+    except ModelLoadError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)

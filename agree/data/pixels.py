@@ -1,4 +1,5 @@
-"""Pixel normalisation shared by the scenes generator and data preparation (numpy only)."""
+"""Pixel normalisation of the npz images, shared by the scenes generator, the datasets and data preparation
+(numpy only). OpenAI CLIP's mean and std are the defaults; a model's own come from open_clip."""
 
 from __future__ import annotations
 
@@ -6,8 +7,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN (numpy-only here)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = np.array(OPENAI_MEAN, dtype=np.float32)
+CLIP_STD = np.array(OPENAI_STD, dtype=np.float32)
+
+
+def black(mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> np.ndarray:
+    """A black pixel [3] after normalisation with ``mean`` and ``std``."""
+    return (0.0 - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, inclusive-exclusive
 

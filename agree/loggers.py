@@ -1,0 +1,96 @@
+"""The configured Lightning logger; W&B runs named, grouped and tagged, resumable, offline without a key."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import hydra
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from agree.io import write_json
+
+WANDB_RUN_FILE = "wandb_run.json"  # in the run directory: the W&B run that `ckpt_path=last` resumes
+NAME_EXCLUDES = ("hydra.", "output_dir=", "data.root=", "data.vg_root=", "ckpt_path=", "logger=")
+
+
+def build_logger(cfg: DictConfig):
+    """The ``logger`` group's logger, or False when there is none."""
+    if cfg.get("logger") is None:
+        return False
+    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    if not logger_cfg["_target_"].endswith("WandbLogger"):
+        return hydra.utils.instantiate(logger_cfg)
+    logger = hydra.utils.instantiate({**logger_cfg, **wandb_settings(cfg, logger_cfg)})
+    logger.experiment.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
+    return logger
+
+
+def wandb_settings(cfg: DictConfig, logger_cfg: dict) -> dict:
+    """What the W&B run is called and where it resumes, for values the config leaves at null:
+
+    - ``offline``: no API key configured (environment or netrc), so nothing prompts or waits;
+    - ``group``: the Hydra sweep (its multirun folder), so a sweep's jobs sit together;
+    - ``name``: the job's command-line overrides (``losses=agree,seed=1``);
+    - ``tags``: method, losses switched on, model;
+    - ``id``/``resume``: a resumed run (``ckpt_path`` set) continues the W&B run recorded in
+      ``output_dir/wandb_run.json``; a fresh run records a new id there.
+    """
+    import wandb
+
+    settings: dict = {}
+    if logger_cfg.get("offline") is None:
+        settings["offline"] = not wandb.login(prompt=False, verify=False)
+    job = _hydra_job()
+    if logger_cfg.get("group") is None and job and job["multirun"]:
+        settings["group"] = job["sweep_dir"]
+    if logger_cfg.get("name") is None and job and job["overrides"]:
+        settings["name"] = ",".join(job["overrides"])
+    if logger_cfg.get("tags") is None:
+        settings["tags"] = run_tags(cfg)
+    record = Path(cfg.output_dir) / WANDB_RUN_FILE
+    if logger_cfg.get("id") is None:
+        previous = _recorded_id(record) if cfg.get("ckpt_path") else None
+        settings["id"] = previous or uuid.uuid4().hex[:12]
+        settings["resume"] = "allow" if previous else None
+        if not previous and rank_zero_only.rank == 0:
+            write_json(record, {"id": settings["id"]})
+    return settings
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    """``method:<name>``, ``losses:<a>+<b>...`` (the ones with a weight above 0), ``model:<name>``."""
+    from agree.checks import check_loss_weights
+
+    tags = [f"losses:{'+'.join(k for k, v in check_loss_weights(cfg).items() if v > 0)}"]
+    tags.append(f"model:{cfg.model.name}")
+    method = cfg.get("method")
+    if method is not None and method.get("name"):
+        tags.insert(0, f"method:{method.name}")
+    return tags
+
+
+def _recorded_id(record: Path) -> str | None:
+    try:
+        return str(json.loads(record.read_text())["id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _hydra_job() -> dict | None:
+    """The sweep folder and the job's own overrides, when running under ``@hydra.main``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    overrides = [o for o in hc.overrides.task if not o.lstrip("+~").startswith(NAME_EXCLUDES)]
+    return {
+        "multirun": hc.mode == RunMode.MULTIRUN,
+        "sweep_dir": os.path.relpath(hc.sweep.dir) if not os.path.isabs(hc.sweep.dir) else hc.sweep.dir,
+        "overrides": overrides,
+    }
