@@ -24,11 +24,18 @@ def data_layout(data: DictConfig) -> ReleaseLayout:
     return ReleaseLayout(resolve_path(data.root), resolve_path(data.vg_root), int(data.image_size))
 
 
+def generated(data: DictConfig) -> bool:
+    """Whether the ``data`` group is the generated scenes (``kind: scenes``), not a release folder.
+
+    The group decides, never whether ``data.synthetic`` happens to be set (an experiment may set
+    its keys under any group).
+    """
+    return data.get("kind") == "scenes"
+
+
 def scene_config(data: DictConfig) -> SceneConfig | None:
     """The synthetic dataset's parameters, or None for real data."""
-    return (
-        SceneConfig(**OmegaConf.to_container(data.synthetic, resolve=True)) if data.get("synthetic") else None
-    )
+    return SceneConfig(**OmegaConf.to_container(data.synthetic, resolve=True)) if generated(data) else None
 
 
 def ensure_data(data: DictConfig) -> ReleaseLayout:
