@@ -30,14 +30,22 @@ from agree.prepare import ConfigError
 from agree.prepare.pixels import Box, normalise
 from agree.prepare.shards import ShardResult
 
+MAX_PIXELS = 89_478_485  # Pillow's default limit: larger images are refused before decoding (bombs)
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image, or a one-line error naming the file."""
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An RGB image of at most ``max_pixels`` pixels, or a one-line error naming the file."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
+            if image.width * image.height > max_pixels:
+                raise DataFormatError(
+                    f"{path}: {image.width}x{image.height} pixels, more than the limit of {max_pixels}"
+                )
             return image.convert("RGB")
     except FileNotFoundError:
         raise DataFormatError(f"{path}: image not found") from None
+    except Image.DecompressionBombError as e:  # Pillow's own limit, checked when it opens the file
+        raise DataFormatError(f"{path}: {e}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataFormatError(f"{path}: cannot read the image ({e})") from None
 
