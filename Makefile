@@ -33,5 +33,7 @@ bench: install
 	$(PY) scripts/bench_training_step.py
 	$(PY) scripts/bench_retrieval.py
 
+# Removes only the folders the demo and the data generator made (they carry a marker file);
+# training runs, evaluations and the user's data are kept.
 clean:
-	rm -rf outputs multirun data/scenes-*
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m agree.folders remove $(DEMO_DIR) data/*

@@ -1,22 +1,34 @@
-"""Lightning callbacks for the loggers: learning rate, and retrieval examples as a W&B table."""
+"""Lightning callbacks: the ``callbacks`` config group's, and retrieval examples as a W&B table."""
 
 from __future__ import annotations
 
+import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig
 
 from agree.data.datasets import Tokenizer, ValImages
 from agree.model.clip import encode_image, encode_text
 from agree.report import thumbnail
 
 
-def logging_callbacks(logger: Logger | bool) -> list[Callback]:
-    """The callbacks a logger gets: the learning rate always, retrieval examples for W&B."""
-    if not logger:
-        return []
-    callbacks: list[Callback] = [LearningRateMonitor(logging_interval="step")]
+def configured_callbacks(
+    group: DictConfig | None, logger: Logger | bool, progress_bar: bool
+) -> list[Callback]:
+    """The ``callbacks`` group's callbacks, each built from its ``_target_``, and W&B's examples table.
+
+    A learning-rate monitor without a logger, or a progress bar with the bar off, would make
+    Lightning refuse to start: each is left out then.
+    """
+    built = [hydra.utils.instantiate(spec) for spec in (group or {}).values() if spec is not None]
+    callbacks = [
+        c
+        for c in built
+        if not (isinstance(c, LearningRateMonitor) and not logger)
+        and not (isinstance(c, ProgressBar) and not progress_bar)
+    ]
     if isinstance(logger, WandbLogger):
         callbacks.append(RetrievalExamples())
     return callbacks

@@ -11,9 +11,11 @@ from pathlib import Path
 import open_clip
 from omegaconf import DictConfig, OmegaConf
 
-from agree.config import data_layout, resolve_model, resolve_path
+from agree.config import data_layout, generated, resolve_model, resolve_path, scene_config
 from agree.data.datasets import FALLBACK_MASKS, LOSS_INPUTS
 from agree.data.formats import ReleaseLayout
+from agree.data.synthetic import OWNER
+from agree.folders import check_claim
 from agree.model import clip  # noqa: F401  (registers the tiny model config with open_clip)
 
 WEIGHT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
@@ -33,7 +35,12 @@ def check_data_root(data: DictConfig) -> ReleaseLayout | None:
         raise ConfigError(
             "data.root is not set: give data.root=<the release folder holding annotation/ and objects/>"
         )
-    if data.get("synthetic"):
+    if data.get("kind") not in ("scenes", "release"):
+        raise ConfigError(
+            f"data.kind={data.get('kind')}: choose the data group (data=synthetic or data=flickr30k)"
+        )
+    if generated(data):
+        check_claim(resolve_path(data.root), OWNER, scene_config(data).params())  # never into a user's folder
         return None
     layout = data_layout(data)
     if not layout.root.is_dir():

@@ -61,9 +61,18 @@ def data_layout(data: DictConfig) -> ReleaseLayout:
     )
 
 
+def generated(data: DictConfig) -> bool:
+    """Whether the ``data`` group is the generated scenes (``kind: scenes``), not a release folder.
+
+    The group decides, never whether ``data.synthetic`` happens to be set (an experiment may set
+    its keys under any group).
+    """
+    return data.get("kind") == "scenes"
+
+
 def scene_config(data: DictConfig) -> SceneConfig | None:
     """The synthetic dataset's parameters, or None for real data."""
-    if not data.get("synthetic"):
+    if not generated(data):
         return None
     params = OmegaConf.to_container(data.synthetic, resolve=True)
     return SceneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})

@@ -19,6 +19,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 
 from agree.evaluate import evaluate, format_table
+from agree.folders import claim
 from agree.report import write_report
 from agree.train import train
 
@@ -26,9 +27,10 @@ from agree.train import train
 def run(out_dir: Path, overrides: list[str]) -> dict:
     """Run the three steps under ``out_dir``; return ``{"before": results, "after": results}``.
 
-    A previous demo's training folder is removed first: its ``last.ckpt`` would otherwise make
-    Lightning write ``last-v1.ckpt`` and the evaluation read the old weights.
+    ``out_dir`` must be new, empty or a previous demo's (marked, see ``agree.folders``); that
+    demo's training folder is removed first, so the new training starts afresh.
     """
+    claim(out_dir, "demo")
     shutil.rmtree(out_dir / "train", ignore_errors=True)
     with initialize_config_module("agree.conf", version_base="1.3"):
         train_cfg = compose("train", ["+experiment=demo", f"output_dir={out_dir / 'train'}", *overrides])

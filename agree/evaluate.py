@@ -6,7 +6,8 @@ Features come from a model (a checkpoint or ``model.pretrained``) or from refere
 feature files (``features.*``). Writes under ``output_dir``: ``features/`` (binary feature
 store), ``predictions/`` (reference JSONL per stage and direction), ``evaluation/`` (reference
 evaluation JSON per stage and direction), ``results.json`` and ``report_inputs.json`` (where
-``agree.report`` finds the annotations and test images).
+``agree.report`` finds the annotations and test images). They are written into a hidden staging
+folder first and replace an earlier evaluation's outputs as a set (``agree.io.replace_as_set``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from agree.checks import ConfigError, check_data_root, check_evaluate_config
+from agree.cli import user_errors
 from agree.config import ensure_data, resolve_device, resolve_path
 from agree.data.datasets import ImageArrays, slot_texts
 from agree.data.formats import (
@@ -37,13 +39,15 @@ from agree.data.formats import (
     read_test_texts,
     read_text_segs,
 )
-from agree.io import write_json, write_jsonl
+from agree.io import replace_as_set, staging_dir, write_json, write_jsonl
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
 from agree.retrieval.features import extract, save_features
 from agree.retrieval.metrics import positives_from_pairs, recall_at_k, summarise
 from agree.retrieval.pipeline import EntityFeatures, rank_stages
 
 DIRECTIONS = ("text_to_image", "image_to_text")
+# what an evaluation writes into its output folder, replaced as a set (results.json last)
+OUTPUTS = ("features", "predictions", "evaluation", "report_inputs.json", "results.json")
 
 
 @dataclass
@@ -297,7 +301,7 @@ def load_test_set(cfg: DictConfig) -> TestSet:
 def evaluate(cfg: DictConfig) -> dict:
     """Extract (or read) features, rank and re-rank both directions, score, write every output."""
     L.seed_everything(cfg.seed, verbose=False)
-    out = Path(cfg.output_dir)
+    target = Path(cfg.output_dir)
     data = load_test_set(cfg)
     device = resolve_device(cfg.device)
     r = cfg.rerank
@@ -322,6 +326,7 @@ def evaluate(cfg: DictConfig) -> dict:
         for stage, ranked in lists.items()
     }
 
+    out = staging_dir(target, "evaluate")  # the outputs replace an earlier evaluation's as a set
     query_ids = [t.query_id for t in data.texts]
     image_ids = [im.image_id for im in data.images]
     save_features(out / "features", "images", image_ids, data.image_features)
@@ -346,6 +351,7 @@ def evaluate(cfg: DictConfig) -> dict:
             )
     write_json(out / "report_inputs.json", data.report_inputs)
     write_json(out / "results.json", results)
+    replace_as_set(out, target, OUTPUTS, last="results.json")
     return results
 
 
@@ -364,10 +370,8 @@ def format_table(results: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    try:
+    with user_errors():
         results = evaluate(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
     print(format_table(results))
     print(f"results: {Path(cfg.output_dir) / 'results.json'}")
     return results[list(results)[-1]]["rsum"]

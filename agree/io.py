@@ -13,7 +13,9 @@ import glob
 import json
 import os
 import re
+import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -64,15 +66,21 @@ def _fsync(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    A rewrite keeps the file's permissions, and a symlink stays a link: its target is rewritten.
+    """
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~UMASK
     remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~UMASK)
+        os.chmod(tmp, mode)
         _fsync(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
@@ -112,3 +120,47 @@ def write_torch(path: str | os.PathLike, obj: Any) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# sets of outputs
+
+
+def staging_dir(target: str | os.PathLike, purpose: str) -> Path:
+    """A fresh hidden folder inside ``target`` to write a set of outputs into (see ``replace_as_set``).
+
+    Staging folders of killed processes (same ``purpose``, this host) are removed first.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(re.escape(f".{purpose}.{HOST}.") + r"(\d+)\.staging")
+    for leftover in target.glob(f".{glob.escape(purpose)}.*"):
+        match = pattern.fullmatch(leftover.name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(leftover, ignore_errors=True)
+    staged = target / f".{purpose}.{HOST}.{os.getpid()}.staging"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    return staged
+
+
+def replace_as_set(staged: Path, target: Path, names: Iterable[str], last: str) -> None:
+    """Move the entries ``names`` (files or folders) of ``staged`` into ``target``, replacing the set.
+
+    ``last`` is the entry readers check first (``results.json``): it leaves ``target`` first and
+    arrives last, and every other old entry leaves before any new one arrives. A crash at any
+    moment leaves the old set, the new set, or a set without ``last`` that readers refuse; never
+    old and new entries side by side. Entries of the old set absent from the new one are removed.
+    """
+    others = [name for name in names if name != last]
+    old = staged / ".replaced"
+    old.mkdir()
+    target.mkdir(parents=True, exist_ok=True)
+    for name in [last, *others]:
+        if (target / name).exists() or (target / name).is_symlink():
+            os.replace(target / name, old / name)
+    for name in [*others, last]:
+        if (staged / name).exists():
+            os.replace(staged / name, target / name)
+    _fsync(target)
+    shutil.rmtree(staged)

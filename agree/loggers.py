@@ -1,7 +1,9 @@
-"""The configured Lightning logger; W&B runs named, grouped and tagged, resumable, offline without a key."""
+"""The configured Lightning logger: a CSV history that survives a resume; W&B runs named, grouped and
+tagged, resumable, offline without a key."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import uuid
@@ -9,19 +11,27 @@ from pathlib import Path
 
 import hydra
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from agree.io import write_json
+from agree.io import atomic_path, write_json
 
 WANDB_RUN_FILE = "wandb_run.json"  # in the run directory: the W&B run that `ckpt_path=last` resumes
 NAME_EXCLUDES = ("hydra.", "output_dir=", "data.root=", "data.vg_root=", "ckpt_path=", "logger=")
 
 
-def build_logger(cfg: DictConfig):
-    """The ``logger`` group's logger, or False when there is none."""
+def build_logger(cfg: DictConfig, keep_rows: int = 0):
+    """The ``logger`` group's logger, or False when there is none.
+
+    ``keep_rows``: the CSV history rows a resumed run keeps (``HistoryCSVLogger``).
+    """
     if cfg.get("logger") is None:
         return False
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    if logger_cfg["_target_"] == f"{HistoryCSVLogger.__module__}.{HistoryCSVLogger.__name__}":
+        logger_cfg["keep_rows"] = keep_rows
     if not logger_cfg["_target_"].endswith("WandbLogger"):
         return hydra.utils.instantiate(logger_cfg)
     logger = hydra.utils.instantiate({**logger_cfg, **wandb_settings(cfg, logger_cfg)})
@@ -67,9 +77,8 @@ def run_tags(cfg: DictConfig) -> list[str]:
 
     tags = [f"losses:{'+'.join(k for k, v in check_loss_weights(cfg).items() if v > 0)}"]
     tags.append(f"model:{cfg.model.name}")
-    method = cfg.get("method")
-    if method is not None and method.get("name"):
-        tags.insert(0, f"method:{method.name}")
+    if cfg.get("method"):  # the method group's option: agree or reference
+        tags.insert(0, f"method:{cfg.method}")
     return tags
 
 
@@ -94,3 +103,63 @@ def _hydra_job() -> dict | None:
         "sweep_dir": os.path.relpath(hc.sweep.dir) if not os.path.isabs(hc.sweep.dir) else hc.sweep.dir,
         "overrides": overrides,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV history across a resume
+
+
+def history_rows(path: str | Path) -> int:
+    """The number of rows (header excluded) of a ``metrics.csv``; 0 when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as f:
+        return max(sum(1 for _ in f) - 1, 0)
+
+
+def keep_history(path: Path, rows: int) -> list[str]:
+    """Cut ``metrics.csv`` to its header and first ``rows`` rows (bytes kept as they are; the file is
+    left untouched when it has no more); return its columns. Values never span lines: numbers only."""
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    if len(lines) > rows + 1:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"".join(lines[: rows + 1]))
+    return next(csv.reader([lines[0].decode()])) if lines else []
+
+
+class _HistoryWriter(ExperimentWriter):
+    def __init__(self, log_dir: str, keep_rows: int) -> None:
+        self.keep_rows = keep_rows
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # called by the base __init__, instead of deleting the file
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        if not self.keep_rows:
+            path.unlink()
+            return
+        self.metrics_keys = keep_history(path, self.keep_rows)  # appended rows use the same columns
+
+
+class HistoryCSVLogger(CSVLogger):
+    """``CSVLogger`` that keeps the first ``keep_rows`` rows of an existing ``metrics.csv`` and appends.
+
+    A resumed run passes the number of rows its checkpoint was written after (see
+    ``agree.train.LastCheckpoint``): the history up to the checkpoint stays, rows logged after it
+    (which the resumed run logs again) go. A fresh run (``keep_rows=0``) starts a new file.
+    """
+
+    def __init__(self, *args, keep_rows: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep_rows = keep_rows
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _HistoryWriter(self.log_dir, self.keep_rows)
+        return self._experiment

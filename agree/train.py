@@ -9,11 +9,12 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from agree.callbacks import logging_callbacks
+from agree.callbacks import configured_callbacks
 from agree.checks import (
     ConfigError,
     check_loss_weights,
@@ -21,11 +22,12 @@ from agree.checks import (
     device_batch_size,
     resume_path,
 )
+from agree.cli import user_errors
 from agree.config import data_layout, resolve_precision, scene_config
 from agree.data.datamodule import AgreeDataModule
 from agree.data.datasets import inputs_for
 from agree.io import write_json, write_torch
-from agree.loggers import build_logger
+from agree.loggers import build_logger, history_rows
 from agree.model.clip import get_tokenizer
 from agree.model.module import AgreeModule
 from agree.progress import interactive
@@ -48,26 +50,93 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_torch(path, checkpoint)
 
 
-class FinalCheckpoint(Callback):
-    """Writes ``path`` when training ends unless the final step was just checkpointed
-    (``ModelCheckpoint(every_n_train_steps=N)`` alone misses the steps after the last multiple of N)."""
+class LastCheckpoint(Callback):
+    """``path`` (``checkpoints/last.ckpt``) at every epoch end, every ``every_n_train_steps`` steps
+    when set, and when training ends: one file replaced in place, never a versioned duplicate.
 
-    def __init__(self, path: Path):
-        self.path, self.saved_step = path, None
+    The loggers are flushed first, so that the files on disk match the checkpoint; the checkpoint
+    records the rows of ``history`` (the CSV logger's ``metrics.csv``) at that moment, the
+    validation metrics and whether training was finished (see ``run_state``).
+    """
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        self.saved_step = checkpoint["global_step"]
+    def __init__(self, path: Path, every_n_train_steps: int | None = None, history: Path | None = None):
+        self.path, self.every, self.history = path, every_n_train_steps, history
+        self.saved_step, self.trainer = None, None
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if self.saved_step == trainer.global_step:
+            return
+        for logger in trainer.loggers:
+            logger.save()
+        self.trainer = trainer
+        trainer.save_checkpoint(self.path)
+        self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if self.every and trainer.global_step % self.every == 0:
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)  # an epoch without validation (else saved after it, at this step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.path)
+        self._save(trainer)
+
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        return {
+            "history_rows": history_rows(self.history) if self.history else 0,
+            "metrics": validation_metrics(trainer.callback_metrics),
+            "finished": trainer.global_step >= trainer.estimated_stepping_batches,
+        }
+
+
+def validation_metrics(metrics: dict) -> dict[str, float]:
+    """The ``val/*`` entries of Lightning's callback metrics, as floats."""
+    return {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+
+
+def run_state(checkpoint: str | None) -> dict:
+    """What ``LastCheckpoint`` recorded in ``checkpoint`` (empty for a fresh run or another file)."""
+    if checkpoint is None:
+        return {}
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return state.get("callbacks", {}).get(LastCheckpoint.__qualname__, {})
+
+
+def finished_run(out: Path, state: dict) -> dict[str, float]:
+    """The metrics of a run resumed after it finished; nothing is trained or rewritten.
+
+    A run killed between its final checkpoint and ``metrics.json`` gets that file from the
+    checkpoint; a complete run stops with one line.
+    """
+    metrics_file = out / "metrics.json"
+    if metrics_file.is_file():
+        raise ConfigError(
+            f"ckpt_path=last: the run in {out} is finished (its metrics are in {metrics_file}); "
+            "nothing to resume: to train longer, start a new run with model.pretrained=<its last.ckpt>"
+        )
+    write_json(metrics_file, state["metrics"])
+    return state["metrics"]
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Train as ``cfg`` says; return the final validation metrics and the objects used."""
     check_train_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.output_dir)
+    resume = resume_path(cfg)
+    state = run_state(resume)
+    if state.get("finished"):
+        return finished_run(out, state), {}
+    L.seed_everything(cfg.seed, workers=True)
     weights = loss_weights(cfg)
     module = AgreeModule(
         model_name=cfg.model.name,
@@ -84,18 +153,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         exempt_1d=cfg.optim.exempt_1d,
         schedule_epochs=cfg.optim.schedule_epochs,
     )
-    checkpoints = ModelCheckpoint(
-        dirpath=out / "checkpoints",
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
-    )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision"), cfg.gpu_precision)
     if trainer_cfg.get("enable_progress_bar") is None:
         trainer_cfg["enable_progress_bar"] = interactive()
-    logger = build_logger(cfg)
-    callbacks = [checkpoints, FinalCheckpoint(out / "checkpoints" / "last.ckpt"), *logging_callbacks(logger)]
+    logger = build_logger(cfg, keep_rows=state.get("history_rows", 0))
+    history = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
+    checkpoints = LastCheckpoint(
+        out / "checkpoints" / "last.ckpt", cfg.checkpoint.every_n_train_steps, history
+    )
+    callbacks = [
+        checkpoints,
+        *configured_callbacks(cfg.get("callbacks"), logger, trainer_cfg["enable_progress_bar"]),
+    ]
     trainer = L.Trainer(
         **trainer_cfg,
         logger=logger,
@@ -118,8 +188,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         mask_ignore_case=cfg.text.mask_ignore_case,
         encode_empty_slots=cfg.text.encode_empty_slots,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    metrics = validation_metrics(trainer.callback_metrics)
     if trainer.is_global_zero:
         write_json(out / "metrics.json", metrics)
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
@@ -128,9 +198,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics, _ = train(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
+        with user_errors():
+            metrics, _ = train(cfg)
     finally:
         if cfg.get("logger") and str(cfg.logger.get("_target_", "")).endswith("WandbLogger"):
             import wandb

@@ -74,7 +74,10 @@ def test_train_file_in_place_and_test_texts_to_segs_file(tmp_path):
         },
     ]
     train.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert main(["entities", f"input={train}", "shard_size=1"]) == 0
+    before = train.read_bytes()
+    assert main(["entities", f"input={train}", "shard_size=1"]) == 2  # existing segs are kept ...
+    assert train.read_bytes() == before
+    assert main(["entities", f"input={train}", "shard_size=1", "overwrite=true"]) == 0  # ... unless asked
     records = formats.read_train_records(train)
     assert records[0].segs == ("two dogs", "the snow") and records[1].segs == ("a dog", "the beach")
     assert json.loads(train.read_text().splitlines()[0])["extra"] == 1  # other keys kept

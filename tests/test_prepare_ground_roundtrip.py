@@ -171,7 +171,10 @@ def test_ground_writes_preds_and_masked_images(release, tmp_path, kind):
         rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
         assert changed[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].mean() > 0.9  # a box
     if kind == "owlv2":  # a threshold above every score: all "object", no masked image
-        assert main([*argv, "threshold=1.01"]) == 0
+        before = layout.train_records.read_bytes(), layout.grounding_npz.read_bytes()
+        assert main([*argv, "threshold=1.01"]) == 2  # existing preds are kept unless overwrite=true
+        assert (layout.train_records.read_bytes(), layout.grounding_npz.read_bytes()) == before
+        assert main([*argv, "threshold=1.01", "overwrite=true"]) == 0
         assert all(
             label == NO_GROUNDING_LABEL
             for r in formats.read_train_records(layout.train_records)

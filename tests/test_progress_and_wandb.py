@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 
-from agree.callbacks import example_columns, logging_callbacks
+from agree.callbacks import configured_callbacks, example_columns
 from agree.progress import interactive, progress
 from agree.train import train
 
@@ -120,11 +120,20 @@ def test_lightning_bar_follows_the_terminal(scenes, tmp_path, monkeypatch, ci):
 
 
 def test_logging_callbacks_per_logger(tmp_path):
-    """No logger: none; any logger: the learning rate; W&B: also the examples table."""
-    kinds = lambda logger: [type(c).__name__ for c in logging_callbacks(logger)]  # noqa: E731
-    assert kinds(False) == []
-    assert kinds(CSVLogger(tmp_path)) == ["LearningRateMonitor"]
-    assert kinds(WandbLogger(save_dir=tmp_path, offline=True)) == ["LearningRateMonitor", "RetrievalExamples"]
+    """The default group: no logger: the best checkpoint; any logger: also the learning rate; W&B: also
+    the examples table. A progress-bar callback only with the bar on."""
+    with initialize_config_module("agree.conf", version_base="1.3"):
+        group = compose("train", [f"output_dir={tmp_path}", "callbacks=[default,rich_progress]"]).callbacks
+    kinds = lambda logger, bar=False: [type(c).__name__ for c in configured_callbacks(group, logger, bar)]  # noqa: E731
+    assert kinds(False) == ["ModelCheckpoint"]
+    assert kinds(CSVLogger(tmp_path)) == ["ModelCheckpoint", "LearningRateMonitor"]
+    assert kinds(CSVLogger(tmp_path), bar=True) == [
+        "ModelCheckpoint",
+        "LearningRateMonitor",
+        "RichProgressBar",
+    ]
+    wandb = WandbLogger(save_dir=tmp_path, offline=True)
+    assert kinds(wandb) == ["ModelCheckpoint", "LearningRateMonitor", "RetrievalExamples"]
 
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard"])

@@ -6,6 +6,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.callbacks import Callback
 from omegaconf import open_dict
 
 from agree.loggers import WANDB_RUN_FILE, wandb_settings
@@ -40,7 +41,11 @@ def test_sweep_job_is_grouped_named_and_tagged(tmp_path, offline_wandb):
     assert settings["group"] == "multirun/ablation/2026-01-01/10-00-00"
     assert settings["name"] == "losses=agree,losses.vg_mask=0,seed=3"
     tags = settings["tags"]
-    assert "losses:clip+prompt+text_mask+vg_contrast+ground_mask" in tags and "model:agree-tiny" in tags
+    assert tags == [
+        "method:agree",
+        "losses:clip+prompt+text_mask+vg_contrast+ground_mask",
+        "model:agree-tiny",
+    ]
     assert json.loads((tmp_path / WANDB_RUN_FILE).read_text())["id"] == settings["id"]
 
 
@@ -58,8 +63,19 @@ def run_records(run_dir):
     return finished_wandb_records(next(run.glob("run-*.wandb")))
 
 
+class CrashAt(Callback):
+    """Fails the training at global step ``step``, after that step's checkpoint (a crash)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("crash")
+
+
 def test_resumed_training_continues_the_same_wandb_run(scenes, tmp_path, offline_wandb):
-    """`ckpt_path=last` logs into the W&B run of the interrupted training, not a new one."""
+    """`ckpt_path=last` after a crash logs into the interrupted training's W&B run, not a new one."""
     import wandb
 
     def run(*extra):
@@ -67,8 +83,8 @@ def test_resumed_training_continues_the_same_wandb_run(scenes, tmp_path, offline
             cfg = compose(
                 "train",
                 ["+experiment=demo", "logger=wandb", f"output_dir={tmp_path / 'run'}",
-                 f"data.root={scenes.root}", *SCENES, "trainer.log_every_n_steps=1",
-                 "+trainer.limit_val_batches=1", *extra],
+                 f"data.root={scenes.root}", *SCENES, "trainer.log_every_n_steps=1", "trainer.max_steps=4",
+                 "checkpoint.every_n_train_steps=2", "+trainer.limit_val_batches=1", *extra],
             )  # fmt: skip
         try:
             train(cfg)
@@ -76,8 +92,10 @@ def test_resumed_training_continues_the_same_wandb_run(scenes, tmp_path, offline
             wandb.finish()
         return json.loads((tmp_path / "run" / WANDB_RUN_FILE).read_text())["id"]
 
-    first = run("trainer.max_steps=2")
-    second = run("trainer.max_steps=3", "ckpt_path=last")
+    with pytest.raises(RuntimeError, match="crash"):
+        run(f"+callbacks.crash._target_={__name__}.CrashAt", "+callbacks.crash.step=2")
+    first = json.loads((tmp_path / "run" / WANDB_RUN_FILE).read_text())["id"]
+    second = run("ckpt_path=last")
     assert first == second
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(first) for r in runs)

@@ -62,6 +62,9 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self) -> Iterator:
         # a generator: runs at the first batch, after Lightning's set_epoch
+        if not isinstance(self.sampler, EpochSampler):  # trainer.overfit_batches: Lightning's own sampler
+            yield from super().__iter__()
+            return
         epoch, resume = self.sampler.epoch, self._resume
         self._resume = None
         skip = resume[1] if resume is not None and resume[0] == epoch else 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,28 @@ def show(value: Any) -> str:
     """``value`` for a one-line message: as is when printable, else its repr."""
     text = str(value)
     return text if text.isprintable() else repr(text)
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_name(name: Any, where: str) -> str:
+    """``name``, when it is safe as part of a file name (``[A-Za-z0-9_.-]``, no ``..``)."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise DataFormatError(
+            f"{where}: {show(name)} cannot be part of a file name "
+            "(letters, digits, '_', '.' and '-' only, no '..')"
+        )
+    return name
+
+
+def valid_unicode(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (JSON's ``\\ud800`` escapes give lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def one_line(error: BaseException) -> str:
@@ -142,18 +165,18 @@ def _string_list(value: Any, where: str, key: str) -> list[str]:
 
 def _id(value: Any, where: str, key: str) -> str:
     try:
-        return canonical_id(value)
+        out = canonical_id(value)
     except TypeError:
         raise DataFormatError(f"{where}: {key!r} must be an id (integer or string)") from None
+    if not valid_unicode(out):
+        raise DataFormatError(f"{where}: {key!r} {show(out)} is not valid Unicode (a lone surrogate escape)")
+    return out
 
 
 def _id_list(value: Any, where: str, key: str) -> list[str]:
     if not isinstance(value, list):
         raise DataFormatError(f"{where}: {key!r} must be a list of ids")
-    try:
-        return [canonical_id(v) for v in value]
-    except TypeError:
-        raise DataFormatError(f"{where}: {key!r} must be a list of ids (integers or strings)") from None
+    return [_id(v, where, key) for v in value]
 
 
 def _check_unique(ids: list[str], wheres: list[str], key: str) -> None:
@@ -400,6 +423,9 @@ class ReleaseLayout:
     prefix: str = "flickr30k"
     mean: tuple[float, ...] = OPENAI_MEAN  # the npz images' normalisation: the model's
     std: tuple[float, ...] = OPENAI_STD
+
+    def __post_init__(self) -> None:
+        check_name(self.prefix, "prefix")  # it becomes part of every file name
 
     def annotation(self, name: str) -> Path:
         return self.root / "annotation" / f"{self.prefix}_{name}"

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from agree.data.formats import ReleaseLayout
 from agree.data.pixels import OPENAI_MEAN, OPENAI_STD, normalise
+from agree.folders import check_claim, claim
 from agree.io import write_json, write_jsonl, write_npz
 
 COLORS = {
@@ -36,7 +37,8 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = {"small": 0.55, "large": 1.0}
-MANIFEST = "synthetic.json"
+MANIFEST = "synthetic.json"  # written last: the folder holds a complete dataset
+OWNER = "scenes"  # the generator's mark on its folders (agree.folders)
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,11 @@ def _flickr_id(split: str, index: int) -> int:
 
 
 def generate(out_dir: str | Path, cfg: SceneConfig = SceneConfig()) -> ReleaseLayout:
-    """Write the whole release layout under ``out_dir`` (Visual Genome under ``out_dir/VG``)."""
+    """Write the whole release layout under ``out_dir`` (Visual Genome under ``out_dir/VG``).
+
+    ``out_dir`` must be missing, empty, or a scenes folder of the same parameters (``claim``).
+    """
+    claim(out_dir, OWNER, cfg.params())
     layout = cfg.layout(out_dir)
     rng = random.Random(cfg.seed)
     noise_rng = np.random.default_rng(cfg.seed)
@@ -285,15 +291,12 @@ def _write_visual_genome(
 
 
 def ensure_generated(out_dir: str | Path, cfg: SceneConfig) -> ReleaseLayout:
-    """Generate the dataset unless ``out_dir`` already holds it for the same parameters."""
-    manifest = Path(out_dir) / MANIFEST
-    if manifest.is_file():
-        found = {**SceneConfig().params(), **json.loads(manifest.read_text())}  # older manifests lack keys
-        if found != cfg.params():
-            raise ValueError(
-                f"{out_dir} holds a scenes dataset made with other parameters ({manifest}); "
-                "delete it or set data.root to another folder"
-            )
+    """Generate the dataset unless ``out_dir`` already holds it, complete, for the same parameters.
+
+    Any other non-empty folder (a user's data, a scenes folder of other parameters) is refused
+    with a one-line :class:`FolderNotOwnedError`, before anything is written.
+    """
+    if check_claim(out_dir, OWNER, cfg.params()) and (Path(out_dir) / MANIFEST).is_file():
         return cfg.layout(out_dir)
     return generate(out_dir, cfg)
 

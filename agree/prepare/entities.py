@@ -17,7 +17,6 @@ test texts file (lines with ``query_text``) gives ``{"query_id", "query_text", "
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from agree.data.formats import DataFormatError, read_jsonl
+from agree.data.formats import DataFormatError, _check_fields, _rows
 from agree.io import write_jsonl
 from agree.prepare import ConfigError
 from agree.prepare.shards import ShardResult, Shards
@@ -40,6 +39,7 @@ class Config:
     pipeline: str = "en_core_web_sm"  # a spaCy pipeline (package name or path)
     batch_size: int = 256  # captions per spaCy batch
     shard_size: int = 5000
+    overwrite: bool = False  # replace existing segs (train file) or an existing output file
 
 
 @functools.cache
@@ -102,33 +102,40 @@ def caption_entities(captions: Sequence[str], pipeline: str = "en_core_web_sm") 
 
 
 def read_captions(path: str | Path) -> tuple[str, list[dict]]:
-    """(text key, rows) of a train or test texts jsonl, validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "{}")
-    try:
-        keys = json.loads(first)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path}:1: malformed JSON ({e.msg} at column {e.colno})") from None
-    key = next((k for k in TEXT_KEYS if isinstance(keys, dict) and k in keys), None)
+    """(text key, rows) of a train or test texts jsonl, validated (every line, before any key)."""
+    rows = _rows(path, {})
+    where, first = rows[0]
+    key = next((k for k in TEXT_KEYS if k in first), None)
     if key is None:
         raise DataFormatError(
-            f"{path}:1: no caption: expected a train jsonl ('caption') or test texts ('query_text')"
+            f"{where}: no caption: expected a train jsonl ('caption') or test texts ('query_text')"
         )
     fields = {"caption": str} if key == "caption" else {"query_id": (int, str), "query_text": str}
-    return key, read_jsonl(path, fields)
+    return key, [_check_fields(row, fields, where) for where, row in rows]
 
 
 def default_output(path: Path, key: str) -> Path:
     return path if key == "caption" else path.with_name(f"{path.stem}_segs.jsonl")
 
 
+def check_output(rows: list[dict], key: str, path: Path, output: Path, overwrite: bool) -> None:
+    """Entities already there (``segs`` of a train file rewritten in place, an existing output file)
+    are kept unless ``overwrite``."""
+    if overwrite:
+        return
+    if output.exists() and output.resolve() != path.resolve():
+        raise ConfigError(f"output={output} exists; set overwrite=true to replace it")
+    if key == "caption" and output.resolve() == path.resolve() and any("segs" in row for row in rows):
+        raise ConfigError(f"{path} has segs already; set overwrite=true to extract them again")
+
+
 def run(cfg: Config) -> Path:
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size}: must be at least 1")
     path = Path(cfg.input)
     key, rows = read_captions(path)
     output = Path(cfg.output) if cfg.output else default_output(path, key)
+    check_output(rows, key, path, output, cfg.overwrite)
     load_pipeline(cfg.pipeline)  # fail early when it is missing
     captions = [row[key] for row in rows]
     shards = Shards(output, captions, cfg.shard_size, {"step": "entities", "pipeline": cfg.pipeline})

@@ -43,6 +43,7 @@ class Config(ImageOptions):
     max_words: int = 7  # longer entities are not queried (training drops them too)
     device: str = "auto"
     shard_size: int = 32
+    overwrite: bool = False  # replace existing preds and grounding npz
 
 
 class Detector:
@@ -168,6 +169,9 @@ def run(cfg: Config) -> ReleaseLayout:
     layout = ReleaseLayout(root, root.parent / "VG", preprocess.size, cfg.prefix)
     path = Path(cfg.input) if cfg.input else layout.train_records
     rows = read_segmented(path)
+    if not cfg.overwrite and (any("preds" in row for row in rows) or layout.grounding_npz.exists()):
+        done = path if any("preds" in row for row in rows) else layout.grounding_npz
+        raise ConfigError(f"{done} holds grounded entities already; set overwrite=true to ground again")
     folder = Path(cfg.images)
     items = [
         {"image": image, "file": str(image_file(folder, image)), "queries": queries}

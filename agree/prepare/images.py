@@ -8,6 +8,7 @@ std), so a box given in the raw image can be blanked exactly where the geometry 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -29,14 +30,24 @@ from agree.model.clip import ModelLoadError
 from agree.prepare import ConfigError
 from agree.prepare.shards import ShardResult
 
+MAX_PIXELS = 89_478_485  # Pillow's default limit: larger images are refused before decoding (bombs)
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image, or a one-line error naming the file."""
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An RGB image of at most ``max_pixels`` pixels, or a one-line error naming the file."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is checked below
+            with Image.open(path) as image:  # reads the header only
+                if image.width * image.height > max_pixels:
+                    raise DataFormatError(
+                        f"{path}: {image.width}x{image.height} pixels, more than the limit of {max_pixels}"
+                    )
+                return image.convert("RGB")
     except FileNotFoundError:
         raise DataFormatError(f"{path}: image not found") from None
+    except Image.DecompressionBombError as e:  # Pillow's own limit, checked when it opens the file
+        raise DataFormatError(f"{path}: {e}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataFormatError(f"{path}: cannot read the image ({e})") from None
 

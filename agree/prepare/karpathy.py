@@ -11,15 +11,25 @@ index in its split (train, val), its file stem (test). Annotation ``image`` fiel
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from omegaconf import MISSING
 
-from agree.data.formats import DataFormatError, ReleaseLayout, _check_fields, _json_id, read_json
-from agree.io import write_json, write_jsonl
+from agree.data.formats import (
+    DataFormatError,
+    ReleaseLayout,
+    _check_fields,
+    _json_id,
+    check_name,
+    read_json,
+    show,
+)
+from agree.io import replace_as_set, staging_dir, write_json, write_jsonl
+from agree.prepare import ConfigError
 from agree.prepare.images import EncodeImages, ImageOptions
 from agree.prepare.shards import Shards
 
@@ -33,6 +43,7 @@ class Config(ImageOptions):
     root: str = MISSING  # the release folder to write
     prefix: str | None = None  # file-name prefix; null: the JSON's "dataset" (flickr30k, coco)
     restval: bool = False  # COCO: the restval images join train
+    overwrite: bool = False  # replace existing outputs (their segs and preds are lost)
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,13 @@ def read_karpathy(path: str | Path, images: Path) -> tuple[str | None, list[Karp
             captions.append(sentence["raw"].strip())
         if not captions:
             raise DataFormatError(f"{where}: no sentences")
-        relative = Path(item.get("filepath", "")) / item["filename"]
+        relative = PurePosixPath(item.get("filepath", "")) / item["filename"]
+        if relative.is_absolute() or ".." in relative.parts:
+            raise DataFormatError(f"{where}: {show(relative.as_posix())} leaves the image folder")
         image = f"{images.name}/{relative.as_posix()}"
         out.append(KarpathyImage(item["split"], image, images / relative, tuple(captions)))
-    return data.get("dataset"), out
+    dataset = data.get("dataset")
+    return None if dataset is None else check_name(dataset, f"{path}: 'dataset'"), out
 
 
 def by_split(images: list[KarpathyImage], restval: bool, path: str | Path) -> dict[str, list[KarpathyImage]]:
@@ -114,7 +128,23 @@ def write_annotations(layout: ReleaseLayout, splits: dict[str, list[KarpathyImag
     write_jsonl(layout.test_images, images)
 
 
+def outputs(layout: ReleaseLayout) -> list[Path]:
+    """The files ``karpathy`` writes, all under ``root/annotation``; the train records last."""
+    return [
+        layout.val_records,
+        layout.test_texts,
+        layout.test_images,
+        *(layout.images_npz(split) for split in ("train", "val", "test")),
+        layout.train_records,
+    ]
+
+
 def run(cfg: Config) -> ReleaseLayout:
+    """Check and encode everything, then write the annotations and npz files as one set.
+
+    They go to a staging folder and replace the files of ``root/annotation`` together
+    (``agree.io.replace_as_set``): a crash never leaves new annotations beside old images.
+    """
     folder = Path(cfg.images)
     dataset, images = read_karpathy(cfg.karpathy, folder)
     splits = by_split(images, cfg.restval, cfg.karpathy)
@@ -122,14 +152,34 @@ def run(cfg: Config) -> ReleaseLayout:
     preprocess = cfg.preprocess()
     root = Path(cfg.root)
     layout = ReleaseLayout(root, root.parent / "VG", preprocess.size, cfg.prefix or dataset or "flickr30k")
-    write_annotations(layout, splits)
-    for split, members in splits.items():
+    existing = [path for path in outputs(layout) if path.exists()]
+    if existing and not cfg.overwrite:
+        raise ConfigError(
+            f"{existing[0]} exists ({len(existing)} of the outputs do); "
+            "set overwrite=true to replace them (with any segs and preds added since)"
+        )
+    encoded = {}
+    for split, members in splits.items():  # every image encoded before any output is written
         keys = [image.stem if split == "test" else str(i) for i, image in enumerate(members)]
-        output = layout.images_npz(split)
         items = [[key, str(image.path)] for key, image in zip(keys, members, strict=True)]
-        shards = Shards(output, items, cfg.shard_size, {"step": "karpathy", **preprocess.params()})
+        shards = Shards(
+            layout.images_npz(split), items, cfg.shard_size, {"step": "karpathy", **preprocess.params()}
+        )
         shards.run(EncodeImages(preprocess), f"{split} images", "img")
-        shards.merge_npz("images", output)
+        encoded[split] = shards
+    staged = staging_dir(root, "karpathy")
+    staged_layout = dataclasses.replace(layout, root=staged)
+    write_annotations(staged_layout, splits)
+    for split, shards in encoded.items():
+        shards.merge_npz("images", staged_layout.images_npz(split))
+    replace_as_set(
+        staged / "annotation",
+        root / "annotation",
+        [p.name for p in outputs(layout)],
+        layout.train_records.name,
+    )
+    staged.rmdir()
+    for shards in encoded.values():
         shards.remove()
     counts = ", ".join(f"{split} {len(members)}" for split, members in splits.items())
     print(f"karpathy: {counts} images ({preprocess.size} px) -> {layout.root}", file=sys.stderr)

@@ -1,0 +1,95 @@
+"""Folders the project makes (the demo's, the generated datasets): marked, so only those are replaced.
+
+A folder is the project's when it holds ``MARKER``, written when the project claimed it, naming
+the tool and its settings. A tool writes only into a folder that is missing, empty, or marked by
+itself with the same settings; ``python -m agree.folders remove PATH ...`` (``make clean``)
+deletes the given folders that carry a marker and keeps every other one.
+
+    python -m agree.folders remove outputs/demo data/*
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from agree.io import write_json
+
+MARKER = ".agree-folder.json"
+
+
+class FolderNotOwnedError(ValueError):
+    """A folder the project did not make, or made with other settings; the message is one line."""
+
+
+def _marker(folder: Path) -> dict | None:
+    try:
+        found = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def check_claim(folder: str | os.PathLike, owner: str, params: dict[str, Any] | None = None) -> bool:
+    """Whether ``owner`` may write into ``folder`` (True: it is already marked as ``owner``'s).
+
+    Raises :class:`FolderNotOwnedError` for a non-empty folder without the marker, or one marked by
+    another tool or with other settings. Writes nothing.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FolderNotOwnedError(f"{folder}: not a folder; choose a new or empty folder")
+    wanted = {"owner": owner, "params": params or {}}
+    found = _marker(folder)
+    if found == wanted:
+        return True
+    if found is not None:
+        raise FolderNotOwnedError(
+            f"{folder}: made by agree {found.get('owner')} with other settings ({folder / MARKER}); "
+            "delete it or choose another folder"
+        )
+    if folder.is_dir() and any(folder.iterdir()):
+        raise FolderNotOwnedError(
+            f"{folder}: not empty and not made by agree {owner} (no {MARKER}); "
+            "refusing to write into it: choose a new or empty folder"
+        )
+    return False
+
+
+def claim(folder: str | os.PathLike, owner: str, params: dict[str, Any] | None = None) -> Path:
+    """Make ``folder`` ``owner``'s: create and mark it if missing or empty (see ``check_claim``)."""
+    folder = Path(folder)
+    if not check_claim(folder, owner, params):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / MARKER, {"owner": owner, "params": params or {}})
+    return folder
+
+
+def remove_owned(folder: str | os.PathLike) -> bool:
+    """Delete ``folder`` if the project made it (it holds ``MARKER``); return whether it did."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir() or _marker(folder) is None:
+        return False
+    shutil.rmtree(folder)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] != ["remove"]:
+        print(f"usage: python -m agree.folders remove PATH ...  ({__doc__.splitlines()[0]})", file=sys.stderr)
+        return 2
+    for path in args[1:]:
+        if remove_owned(path):
+            print(f"removed {path}")
+        elif Path(path).exists():
+            print(f"kept {path} (not made by agree)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

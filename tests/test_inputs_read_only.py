@@ -1,0 +1,300 @@
+"""A user's data is read-only: no command writes into, replaces or deletes what the project did not
+make; untrusted names, files and settings fail with one line before anything is written."""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from PIL import Image
+
+from agree import demo
+from agree.data.formats import DataFormatError, read_feature_jsonl
+from agree.data.synthetic import OWNER, SceneConfig, ensure_generated
+from agree.evaluate import evaluate
+from agree.folders import MARKER, FolderNotOwnedError, claim
+from agree.prepare import ConfigError
+from agree.prepare import karpathy as karpathy_step
+from agree.prepare.__main__ import main as prepare
+from agree.prepare.images import load_image
+from agree.train import train
+
+from .test_prepare_steps import flickr_raw
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes (symlinks as their target's name)."""
+    return {
+        str(p.relative_to(folder)): (os.readlink(p).encode() if p.is_symlink() else p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() or p.is_symlink()
+    }
+
+
+@pytest.fixture
+def real(scenes, tmp_path):
+    """A user's release folder (the scenes files, without the project's marker) and its bytes."""
+    root = tmp_path / "REAL"
+    shutil.copytree(scenes.root, root)
+    (root / MARKER).unlink()
+    return root, files(root)
+
+
+def config(name: str, *overrides: str):
+    with initialize_config_module("agree.conf", version_base="1.3"):
+        return compose(name, list(overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# rows 1-4: data roots and folders
+
+
+def test_an_experiment_setting_synthetic_keys_trains_on_the_real_data_unchanged(real, tmp_path):
+    """Row 1: ``+experiment=ablation data=flickr30k data.root=REAL`` reads REAL; nothing is generated."""
+    root, before = real
+    cfg = config(
+        "train",
+        "+experiment=ablation",
+        "data=flickr30k",
+        f"data.root={root}",
+        f"data.vg_root={root / 'VG'}",
+        f"output_dir={tmp_path / 'run'}",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+    )
+    assert cfg.data.synthetic.train_images == 400  # set by the experiment, ignored for data=flickr30k
+    metrics, _ = train(cfg)
+    assert metrics and files(root) == before
+
+
+def test_evaluating_with_the_synthetic_group_refuses_a_user_folder(real, tmp_path):
+    """Row 2: ``agree.evaluate data.root=REAL`` without ``data=flickr30k`` stops; REAL is unchanged."""
+    root, before = real
+    with pytest.raises(FolderNotOwnedError, match=f"{root}: not empty and not made by agree scenes"):
+        evaluate(config("evaluate", f"data.root={root}", f"output_dir={tmp_path / 'out'}"))
+    assert files(root) == before and not (tmp_path / "out").exists()
+
+
+def test_the_generator_writes_only_into_a_new_empty_or_own_folder(scenes, tmp_path):
+    """Row 2: a scenes folder of the same parameters is reused, one of other parameters refused."""
+    small = SceneConfig(seed=3, train_images=60, val_images=12, test_images=20, vg_images_per_word=2)
+    before = files(scenes.root)
+    assert ensure_generated(scenes.root, small).root == scenes.root and files(scenes.root) == before
+    with pytest.raises(FolderNotOwnedError, match="made by agree scenes with other settings"):
+        ensure_generated(scenes.root, SceneConfig(seed=4))
+    assert files(scenes.root) == before
+    (tmp_path / "empty").mkdir()
+    claimed = json.loads((ensure_generated(tmp_path / "empty", small).root / MARKER).read_text())
+    assert claimed["owner"] == OWNER
+
+
+def test_the_demo_refuses_a_folder_holding_a_users_files(tmp_path):
+    """Row 3: ``agree.demo DIR`` with the user's ``DIR/train`` stops before deleting anything."""
+    (tmp_path / "DIR" / "train").mkdir(parents=True)
+    (tmp_path / "DIR" / "train" / "thesis.tex").write_text("years of work")
+    before = files(tmp_path / "DIR")
+    with pytest.raises(FolderNotOwnedError, match="not made by agree demo"):
+        demo.run(tmp_path / "DIR", [])
+    assert files(tmp_path / "DIR") == before
+
+
+def test_make_clean_removes_only_what_the_demo_and_the_generator_made(tmp_path):
+    """Row 4: training runs, evaluations, multiruns and the user's data survive ``make clean``."""
+    kept = {
+        "outputs/train/2026-01-01/10-00-00/checkpoints/last.ckpt": b"weights",
+        "outputs/evaluate/2026-01-01/11-00-00/results.json": b"{}",
+        "multirun/ablation/0/metrics.json": b"{}",
+        "data/flickr30k/annotation/flickr30k_train_pred.jsonl": b"{}",
+    }
+    for name, content in kept.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    claim(tmp_path / "outputs" / "demo", "demo")
+    claim(tmp_path / "data" / "scenes-64px-seed0-train1200", OWNER, {"seed": 0})
+    done = subprocess.run(
+        ["make", "-s", "-f", str(REPO / "Makefile"), "clean", f"PY={sys.executable}"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert files(tmp_path) == kept
+    assert (
+        not (tmp_path / "outputs" / "demo").exists()
+        and not (tmp_path / "data" / "scenes-64px-seed0-train1200").exists()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# rows 11-15: data preparation and hostile files
+
+
+def karpathy_config(source: Path, images: Path, root: Path, **extra) -> karpathy_step.Config:
+    return karpathy_step.Config(
+        karpathy=str(source), images=str(images), root=str(root), model="agree-tiny", pretrained=None, **extra
+    )
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda d: d.update(dataset="../../../x"), "'dataset': ../../../x cannot be part of a file name"),
+        (
+            lambda d: d["images"][0].update(filename="../../secret.jpg"),
+            "images[0]: ../../secret.jpg leaves the image folder",
+        ),
+        (lambda d: d["images"][1].update(filepath="/etc"), "images[1]: /etc/"),
+    ],
+)
+def test_karpathy_names_cannot_leave_their_folders(tmp_path, edit, fragment):
+    """Row 11: a ``dataset`` or ``filename`` with ``../`` fails before anything is written."""
+    source, images = flickr_raw(tmp_path / "raw")
+    (tmp_path / "secret.jpg").write_bytes((images / sorted(os.listdir(images))[0]).read_bytes())
+    data = json.loads(source.read_text())
+    edit(data)
+    source.write_text(json.dumps(data))
+    before = files(tmp_path)
+    with pytest.raises(DataFormatError) as error:
+        karpathy_step.run(karpathy_config(source, images, tmp_path / "work" / "deep" / "root"))
+    assert fragment in str(error.value)
+    assert files(tmp_path) == before and not (tmp_path / "work").exists()
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    """The files of ``root/annotation`` without the resumable work (``<output>.parts/``)."""
+    return {k: v for k, v in files(root / "annotation").items() if ".parts/" not in k}
+
+
+def test_karpathy_replaces_its_outputs_as_a_set(tmp_path, monkeypatch):
+    """Row 12: killed right after the annotations are written, the previous files stay byte for byte;
+    existing outputs (with segs and preds added since) are only replaced with overwrite=true."""
+    source, images = flickr_raw(tmp_path / "raw")
+    root = tmp_path / "release"
+    karpathy_step.run(karpathy_config(source, images, root, shard_size=3))
+    before = outputs(root)
+    assert len(before) == 7
+
+    data = json.loads(source.read_text())
+    data["images"] = data["images"][1:] + data["images"][:1]  # other images at the train indices
+    source.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="set overwrite=true"):
+        karpathy_step.run(karpathy_config(source, images, root))
+    assert outputs(root) == before
+
+    def killed_after(*args):
+        real_write(*args)
+        raise KeyboardInterrupt
+
+    real_write = karpathy_step.write_annotations
+    monkeypatch.setattr(karpathy_step, "write_annotations", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        karpathy_step.run(karpathy_config(source, images, root, overwrite=True))
+    assert outputs(root) == before
+    monkeypatch.undo()
+    karpathy_step.run(karpathy_config(source, images, root, overwrite=True))
+    after = outputs(root)
+    assert after.keys() == before.keys() and after != before
+    assert sorted(p.name for p in root.iterdir()) == ["annotation"]  # no staging folder left
+
+
+@pytest.fixture
+def spacy_pipeline():
+    pytest.importorskip("spacy", reason="the prepare extra is not installed")
+    entities = pytest.importorskip("agree.prepare.entities")
+    try:
+        entities.load_pipeline("en_core_web_sm")
+    except ConfigError as e:
+        pytest.skip(str(e))
+
+
+def train_lines(path: Path) -> Path:
+    path.write_text(
+        json.dumps({"image": "flickr30k-images/1.jpg", "caption": "Two dogs play .", "image_id": 0}) + "\n"
+    )
+    return path
+
+
+def test_entities_in_place_keeps_the_mode_and_the_symlink(tmp_path, spacy_pipeline):
+    """Row 13: a 0600 file stays 0600; a symlink stays a link, its target gets the segs."""
+    private = train_lines(tmp_path / "private.jsonl")
+    private.chmod(0o600)
+    (tmp_path / "store").mkdir()
+    target = train_lines(tmp_path / "store" / "train.jsonl")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    for path in (private, link):
+        assert prepare(["entities", f"input={path}"]) == 0
+    assert (private.stat().st_mode & 0o777) == 0o600 and "segs" in private.read_text()
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert json.loads(target.read_text())["segs"] == ["two dogs"]
+
+
+def test_entities_batch_size_0_is_a_config_error(tmp_path, spacy_pipeline, capsys):
+    """Row 14: refused before any shard is written; the next run with a valid size works."""
+    path = train_lines(tmp_path / "train.jsonl")
+    assert prepare(["entities", f"input={path}", "batch_size=0"]) == 2
+    assert capsys.readouterr().err == "error: batch_size=0: must be at least 1\n"
+    assert not (tmp_path / "train.jsonl.parts").exists()
+    assert prepare(["entities", f"input={path}", "batch_size=2"]) == 0
+
+
+def test_a_lone_surrogate_id_fails_before_any_output(scenes, tmp_path):
+    """Row 15: ``"\\ud800x"`` as an id is refused by the reader, and nothing (no features/) is written."""
+    images, texts = tmp_path / "images.jsonl", tmp_path / "texts.jsonl"
+    images.write_text('{"image_id": "1", "feature": [1, 0]}\n{"image_id": "\\ud800x", "feature": [0, 1]}\n')
+    texts.write_text('{"query_id": 0, "feature": [1, 0]}\n')
+    with pytest.raises(DataFormatError, match=r"images.jsonl:2: 'image_id' '\\ud800x' is not valid Unicode"):
+        read_feature_jsonl(images, "image_id")
+    (tmp_path / "ann_images.jsonl").write_text('{"image_id": 1, "item_ids": [0]}\n')
+    (tmp_path / "ann_texts.jsonl").write_text('{"query_id": 0, "query_text": "a", "item_ids": [1]}\n')
+    cfg = config(
+        "evaluate",
+        f"features.image_jsonl={images}",
+        f"features.text_jsonl={texts}",
+        f"annotations.images={tmp_path / 'ann_images.jsonl'}",
+        f"annotations.texts={tmp_path / 'ann_texts.jsonl'}",
+        f"output_dir={tmp_path / 'out'}",
+    )
+    with pytest.raises(DataFormatError, match="not valid Unicode"):
+        evaluate(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_entities_with_a_bad_utf8_first_line_fails_in_one_line(tmp_path, capsys):
+    """Row 15: one line naming the file and line, not a UnicodeDecodeError traceback."""
+    path = tmp_path / "train.jsonl"
+    line = b'{"caption": "caf\xe9"}\n'
+    path.write_bytes(line)
+    assert prepare(["entities", f"input={path}"]) == 2
+    at = line.index(b"\xe9")
+    assert capsys.readouterr().err == f"error: {path}:1: not UTF-8 text (invalid byte at position {at})\n"
+
+
+def png_of_size(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` (a decompression bomb's shape, 70 bytes)."""
+    Image.new("1", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = struct.pack(">II", width, height) + data[24:29]
+    data[16:33] = ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("side", [14000, 10000])  # above Pillow's own error limit, and between
+def test_huge_images_are_refused_before_decoding(tmp_path, side):
+    """Row 15: a 14000² PNG gives a one-line DataFormatError naming the file, not a traceback."""
+    path = png_of_size(tmp_path / "bomb.png", side, side)
+    with pytest.raises(DataFormatError, match=f"{path}: .*(exceeds limit|more than the limit)"):
+        load_image(path)
