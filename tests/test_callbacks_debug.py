@@ -39,7 +39,8 @@ def csv_rows(path):
 def test_early_stopping_is_a_group_option(scenes, tmp_path):
     _, objects = run(
         scenes, tmp_path, "callbacks=[default,early_stopping]",
-        "callbacks.early_stopping.stopping_threshold=0", "trainer.max_epochs=5", "+trainer.limit_train_batches=1",
+        "callbacks.early_stopping.stopping_threshold=0",
+        "trainer.max_epochs=5", "+trainer.limit_train_batches=1",
     )  # fmt: skip
     assert objects["trainer"].current_epoch == 1  # stopped after the first validation, not 5 epochs
 
