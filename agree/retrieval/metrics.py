@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from agree.retrieval.search import topk_similarity
+from agree.retrieval.search import topk_both
 
 KS = (1, 5, 10)
 DIRECTIONS = {"t2i": "text_to_image", "i2t": "image_to_text"}
@@ -97,9 +97,10 @@ class RetrievalRecallMetric(Metric):
         text_image = torch.searchsorted(image_ids, cat(self.text_image_ids)[keep_texts])
         k = min(max(self.ks), len(images), len(texts))
         text_index = torch.arange(len(texts), device=texts.device)
-        t2i = recall_at_k(topk_similarity(texts, images, k)[1], text_image[:, None], self.ks)
+        (_, t2i_lists), (_, i2t_lists) = topk_both(texts, images, k)
+        t2i = recall_at_k(t2i_lists, text_image[:, None], self.ks)
         i2t_positives = positives_from_pairs(text_image, text_index, len(images))
-        i2t = recall_at_k(topk_similarity(images, texts, k)[1], i2t_positives, self.ks)
+        i2t = recall_at_k(i2t_lists, i2t_positives, self.ks)
         results = {}
         for short, values in (("t2i", t2i), ("i2t", i2t)):
             results.update({f"{short}_{name}": value for name, value in values.items()})
