@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import open_clip
 from omegaconf import DictConfig, OmegaConf
 
 from agree.config import data_layout, resolve_path
 from agree.data.datasets import LOSS_INPUTS
 from agree.data.formats import ReleaseLayout
-from agree.model import clip  # noqa: F401  (registers the tiny model config with open_clip)
 
 WEIGHT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 
@@ -51,6 +49,11 @@ def require_file(path: Path, key: str, value: object, what_to_do: str) -> None:
 
 def check_model(model: DictConfig, pretrained: str | None) -> None:
     """``model.name`` is an open_clip architecture; ``pretrained`` an existing file or one of its tags."""
+    # imported here, not at the top: evaluation from feature files loads no model code
+    import open_clip
+
+    from agree.model import clip  # noqa: F401  (registers the tiny model config with open_clip)
+
     if model.name not in open_clip.list_models():
         raise ConfigError(
             f"model.name={model.name} is not an open_clip architecture; choose model=tiny, vit_b32 or vit_l14"

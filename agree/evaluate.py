@@ -7,6 +7,9 @@ feature files (``features.*``). Writes under ``output_dir``: ``features/`` (bina
 store), ``predictions/`` (reference JSONL per stage and direction), ``evaluation/`` (reference
 evaluation JSON per stage and direction), ``results.json`` and ``report_inputs.json`` (where
 ``agree.report`` finds the annotations and test images).
+
+Model, dataset and Lightning code is imported inside the functions that extract features, so an
+evaluation from feature files starts without loading it.
 """
 
 from __future__ import annotations
@@ -15,14 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from agree.checks import ConfigError, check_evaluate_config
 from agree.config import ensure_data, resolve_device, resolve_path
-from agree.data.datasets import ImageArrays, mask_entity
 from agree.data.formats import (
     PROMPT_TEMPLATE,
     DataFormatError,
@@ -39,7 +40,6 @@ from agree.data.formats import (
     read_text_segs,
 )
 from agree.io import write_json, write_jsonl
-from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
 from agree.retrieval.features import extract, save_features
 from agree.retrieval.metrics import positives_from_pairs, recall_at_k, summarise
 from agree.retrieval.pipeline import EntityFeatures, rank_stages
@@ -101,11 +101,15 @@ def entity_texts(
     caption: str, entities: list[str], max_entities: int, max_words: int
 ) -> tuple[list[str], list[str]]:
     """(prompts, masked captions) of a caption's usable entities."""
+    from agree.data.datasets import mask_entity
+
     kept = [e for e in entities if len(e.split(" ")) <= max_words][:max_entities]
     return [PROMPT_TEMPLATE.format(entity=e) for e in kept], [mask_entity(caption, e) for e in kept]
 
 
 def _encode_texts(model, tokenizer, texts: list[str], batch_size: int, device, desc: str) -> torch.Tensor:
+    from agree.model.clip import encode_text
+
     batches = [tokenizer(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
     return extract(lambda x: encode_text(model, x), batches, device, desc, len(batches))
 
@@ -114,6 +118,12 @@ def model_features(
     cfg: DictConfig, texts: list[TestText], images: list[TestImage], segs: dict | None, layout
 ):
     """(text features, image features, entity features or None) from the configured model."""
+    import lightning as L
+
+    from agree.data.datasets import ImageArrays
+    from agree.model.clip import create_clip, encode_image, get_tokenizer
+
+    L.seed_everything(cfg.seed, verbose=False)  # random-init weights
     device = resolve_device(cfg.device)
     npz = NpzImages(layout.images_npz("test"), layout.image_size)
     image_ids = [im.image_id for im in images]
@@ -248,7 +258,6 @@ def load_test_set(cfg: DictConfig) -> TestSet:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Extract (or read) features, rank and re-rank both directions, score, write every output."""
-    L.seed_everything(cfg.seed, verbose=False)
     out = Path(cfg.output_dir)
     data = load_test_set(cfg)
     device = resolve_device(cfg.device)

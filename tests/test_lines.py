@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from agree.data import lines
-from agree.data.formats import DataFormatError, read_entity_feature_jsonl, read_feature_jsonl, write_feature_jsonl
+from agree.data.formats import (
+    DataFormatError,
+    read_entity_feature_jsonl,
+    read_feature_jsonl,
+    write_feature_jsonl,
+)
 
 
 @pytest.fixture
@@ -31,10 +36,11 @@ def test_parallel_read_equals_one_process(tmp_path, small_ranges) -> None:
     np.testing.assert_array_equal(got, rows)
     valid = np.arange(4)[None, :] < np.arange(40)[:, None] % 5
     entity_path = tmp_path / "e.jsonl"
-    write_feature_jsonl(entity_path, "query_id", [str(i) for i in range(40)], np.repeat(rows[:, None], 4, 1), valid)
+    entities = np.repeat(rows[:, None], 4, 1)
+    write_feature_jsonl(entity_path, "query_id", [str(i) for i in range(40)], entities, valid)
     _, entity_rows, entity_valid = read_entity_feature_jsonl(entity_path, 4)
     np.testing.assert_array_equal(entity_valid, valid)
-    np.testing.assert_array_equal(entity_rows[valid], np.repeat(rows[:, None], 4, 1)[valid])
+    np.testing.assert_array_equal(entity_rows[valid], entities[valid])
 
 
 def test_parallel_read_names_the_bad_line(tmp_path, small_ranges) -> None:

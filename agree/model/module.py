@@ -11,7 +11,7 @@ import torch.distributed.nn.functional as dist_fn
 
 from agree.model import losses
 from agree.model.clip import CHECKPOINT_KEY, create_clip, encode_image, encode_text
-from agree.retrieval.metrics import RetrievalRecallMetric
+from agree.retrieval.recall_metric import RetrievalRecallMetric
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
