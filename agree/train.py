@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from agree.callbacks import logging_callbacks
 from agree.checks import ConfigError, check_loss_weights, check_train_config, resume_path
-from agree.config import data_layout, resolve_precision, scene_config
+from agree.config import allow_tf32, data_layout, resolve_precision, scene_config
 from agree.data.datamodule import AgreeDataModule
 from agree.data.datasets import inputs_for
 from agree.io import write_json, write_torch
@@ -77,6 +77,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Train as ``cfg`` says; return the final validation metrics and the objects used."""
     check_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    allow_tf32(cfg.get("tf32", True))
     out = Path(cfg.output_dir)
     weights = loss_weights(cfg)
     module = AgreeModule(
@@ -90,6 +91,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         betas=tuple(cfg.optim.betas),
         eps=cfg.optim.eps,
         warmup_steps=cfg.optim.warmup_steps,
+        grad_checkpointing=cfg.model.get("grad_checkpointing", False),
+        compile=cfg.model.get("compile", False),
+        fused_adamw=cfg.optim.get("fused"),
     )
     datamodule = AgreeDataModule(
         data_layout(cfg.data),

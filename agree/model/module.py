@@ -27,6 +27,19 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def speed_options(model: torch.nn.Module, grad_checkpointing: bool, compile: bool) -> None:
+    """Activation checkpointing (open_clip's own) and ``torch.compile`` of both towers, in place.
+
+    ``nn.Module.compile`` keeps the state-dict keys (``torch.compile(module)`` would prefix them),
+    so checkpoints stay loadable by an uncompiled model.
+    """
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if compile:
+        model.visual.compile()
+        model.transformer.compile()
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
     if step < warmup_steps:
@@ -157,10 +170,14 @@ class AgreeModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
         warmup_steps: int = 100,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        fused_adamw: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_clip(model_name, pretrained)
+        speed_options(self.model, grad_checkpointing, compile)
         self.loss_weights = {name: w for name, w in loss_weights.items() if w > 0}
         self.val_recall = RetrievalRecallMetric()
 
@@ -203,11 +220,21 @@ class AgreeModule(L.LightningModule):
 
     # -- optimisation and checkpoints -------------------------------------------------------------
 
+    def optimizer(self) -> torch.optim.AdamW:
+        """AdamW as configured; ``fused_adamw`` None: the fused kernel (one launch per step) on CUDA."""
+        hp = self.hparams
+        fused = hp.get("fused_adamw")
+        return torch.optim.AdamW(
+            parameter_groups(self.model, hp.weight_decay),
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+            fused=self.device.type == "cuda" if fused is None else fused,
+        )
+
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps
-        )
+        optimizer = self.optimizer()
         total = self.trainer.estimated_stepping_batches
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total)
