@@ -31,7 +31,8 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench_training_step.py
-	$(PY) scripts/bench_retrieval.py
+	$(PY) scripts/bench_device.py
+	$(PY) scripts/bench_retrieval.py --skip-large
 
 clean:
 	rm -rf outputs multirun data/scenes-*

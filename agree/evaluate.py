@@ -132,7 +132,10 @@ def model_features(
     model = create_clip(cfg.model.name, pretrained).to(device).eval()
     tokenizer = get_tokenizer(cfg.model.name)
     loader = torch.utils.data.DataLoader(
-        ImageArrays(npz, image_ids, "test image_id"), batch_size=cfg.batch_size
+        ImageArrays(npz, image_ids, "test image_id"),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.data.num_workers,  # npz reads overlap the encoder
+        pin_memory=device.type == "cuda",
     )
     image_features = extract(lambda x: encode_image(model, x), loader, device, "images", len(loader))
     text_features = _encode_texts(model, tokenizer, [t.text for t in texts], cfg.batch_size, device, "texts")
