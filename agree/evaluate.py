@@ -107,11 +107,45 @@ def entity_texts(
     return [PROMPT_TEMPLATE.format(entity=e) for e in kept], [mask_entity(caption, e) for e in kept]
 
 
-def _encode_texts(model, tokenizer, texts: list[str], batch_size: int, device, desc: str) -> torch.Tensor:
-    from agree.model.clip import encode_text
+def _extractors(cfg: DictConfig, model, tokenizer, device: torch.device):
+    """(encode an image dataset, encode a list of texts): in this process, or in ``cfg.devices``
+    processes through Lightning's predict loop under DDP (every process gets all features)."""
+    from agree.model.clip import encode_image, encode_text
 
-    batches = [tokenizer(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-    return extract(lambda x: encode_text(model, x), batches, device, desc, len(batches))
+    if cfg.devices > 1:
+        from agree.retrieval.predict import predict_features
+
+        trainer = {
+            "accelerator": "gpu" if device.type == "cuda" else "cpu",
+            "devices": cfg.devices,
+            "strategy": "ddp",
+            "precision": "bf16-mixed" if device.type == "cuda" else "32-true",
+        }
+        workers = cfg.data.num_workers
+
+        def images(dataset, desc: str) -> torch.Tensor:
+            return predict_features(model, encode_image, dataset, cfg.batch_size, trainer, workers)
+
+        def texts(strings: list[str], desc: str) -> torch.Tensor:
+            return predict_features(model, encode_text, tokenizer(strings), cfg.batch_size, trainer)
+
+        return images, texts
+
+    def images(dataset, desc: str) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.data.num_workers,  # npz reads overlap the encoder
+            pin_memory=device.type == "cuda",
+        )
+        return extract(lambda x: encode_image(model, x), loader, device, desc, len(loader))
+
+    def texts(strings: list[str], desc: str) -> torch.Tensor:
+        size = cfg.batch_size
+        batches = [tokenizer(strings[i : i + size]) for i in range(0, len(strings), size)]
+        return extract(lambda x: encode_text(model, x), batches, device, desc, len(batches))
+
+    return images, texts
 
 
 def model_features(
@@ -121,7 +155,7 @@ def model_features(
     import lightning as L
 
     from agree.data.datasets import ImageArrays
-    from agree.model.clip import create_clip, encode_image, get_tokenizer
+    from agree.model.clip import create_clip, get_tokenizer
 
     L.seed_everything(cfg.seed, verbose=False)  # random-init weights
     device = resolve_device(cfg.device)
@@ -130,15 +164,9 @@ def model_features(
     npz.require(image_ids, "test image_id")
     pretrained = str(resolve_path(cfg.ckpt_path)) if cfg.ckpt_path else cfg.model.pretrained
     model = create_clip(cfg.model.name, pretrained).to(device).eval()
-    tokenizer = get_tokenizer(cfg.model.name)
-    loader = torch.utils.data.DataLoader(
-        ImageArrays(npz, image_ids, "test image_id"),
-        batch_size=cfg.batch_size,
-        num_workers=cfg.data.num_workers,  # npz reads overlap the encoder
-        pin_memory=device.type == "cuda",
-    )
-    image_features = extract(lambda x: encode_image(model, x), loader, device, "images", len(loader))
-    text_features = _encode_texts(model, tokenizer, [t.text for t in texts], cfg.batch_size, device, "texts")
+    encode_images, encode_texts = _extractors(cfg, model, get_tokenizer(cfg.model.name), device)
+    image_features = encode_images(ImageArrays(npz, image_ids, "test image_id"), "images")
+    text_features = encode_texts([t.text for t in texts], "texts")
     if segs is None:
         return text_features, image_features, None
     e = cfg.rerank
@@ -151,7 +179,7 @@ def model_features(
     slots = []
     for which, desc in ((0, "entity prompts"), (1, "masked captions")):
         flat = [text for query in per_query for text in query[which]]  # only real slots are encoded
-        encoded = _encode_texts(model, tokenizer, flat, cfg.batch_size, device, desc)
+        encoded = encode_texts(flat, desc)
         slots.append(
             encoded.new_zeros(*valid.shape, text_features.shape[1]).masked_scatter(valid[..., None], encoded)
         )
@@ -225,6 +253,8 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("image_jsonl", "text_jsonl", "prompt_jsonl", "mask_jsonl"):
         if f[key] and not resolve_path(f[key]).is_file():
             raise ConfigError(f"features.{key}={f[key]}: file not found")
+    if isinstance(cfg.devices, bool) or not isinstance(cfg.devices, int) or cfg.devices < 1:
+        raise ConfigError(f"devices={cfg.devices}: the number of extraction processes, an integer >= 1")
     check_evaluate_config(cfg)
 
 
@@ -263,6 +293,8 @@ def evaluate(cfg: DictConfig) -> dict:
     """Extract (or read) features, rank and re-rank both directions, score, write every output."""
     out = Path(cfg.output_dir)
     data = load_test_set(cfg)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        return {}  # extraction over several processes: the first one ranks and writes
     device = resolve_device(cfg.device)
     r = cfg.rerank
     entities = data.entities
@@ -327,11 +359,13 @@ def format_table(results: dict) -> str:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     try:
         results = evaluate(cfg)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+    if not results:  # another process of a multi-process extraction
+        return None
     print(format_table(results))
     print(f"results: {Path(cfg.output_dir) / 'results.json'}")
     return results[list(results)[-1]]["rsum"]

@@ -1,34 +1,30 @@
-"""Feature extraction by 2 CPU processes (gloo) through Lightning's predict loop equals one process."""
+"""Evaluation with extraction by 2 CPU processes (gloo, Lightning's predict loop under DDP) writes one
+feature store equal to the single-process one, and the same results."""
 
+import dataclasses
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
+import numpy as np
+from hydra import compose, initialize_config_module
 
-from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
-from agree.retrieval.features import extract
+from agree.evaluate import evaluate
+from agree.retrieval.features import load_features
+from tests.conftest import SMALL_SCENES
 
 REPO = Path(__file__).resolve().parents[1]
-N_IMAGES, N_TEXTS = 13, 11  # not multiples of 2 or of the batch: uneven shares and short batches
+STORE = ("images", "texts", "entity_prompts", "entity_masks", "entity_valid")
 
 WORKER = """
-import sys, torch
-from agree.model.clip import create_clip, encode_image, encode_text
-from agree.retrieval.predict import predict_features
-images, tokens = torch.load(sys.argv[1])
-torch.manual_seed(0)
-model = create_clip("agree-tiny").eval()
-trainer = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "precision": "32-true"}
-with torch.no_grad():
-    out = (
-        predict_features(model, encode_image, images, 4, trainer),
-        predict_features(model, encode_text, tokens, 4, trainer),
-    )
-if torch.distributed.get_rank() == 0:
-    torch.save(out, sys.argv[2])
+import sys
+from hydra import compose, initialize_config_module
+from agree.evaluate import evaluate
+with initialize_config_module("agree.conf", version_base="1.3"):
+    evaluate(compose("evaluate", sys.argv[1:]))
 """
 
 
@@ -38,16 +34,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def inputs():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(N_IMAGES, 3, 64, 64, generator=g)
-    tokens = get_tokenizer("agree-tiny")([f"a red circle {i} left of a square" for i in range(N_TEXTS)])
-    return images, tokens
+def overrides(scenes, out: Path, devices: int) -> list[str]:
+    synthetic = [f"data.synthetic.{k}={v}" for k, v in dataclasses.asdict(SMALL_SCENES).items()]
+    # batch 4 over 20 images and 100 captions: uneven shares, short last batches
+    return [
+        f"output_dir={out}",
+        f"data.root={scenes.root}",
+        *synthetic,
+        "rerank=egr",
+        "batch_size=4",
+        f"devices={devices}",
+    ]
 
 
-def test_two_processes_give_the_single_process_features(tmp_path: Path) -> None:
-    images, tokens = inputs()
-    torch.save((images, tokens), tmp_path / "inputs.pt")
+def test_two_processes_write_the_single_process_feature_store(scenes, tmp_path: Path) -> None:
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -59,7 +59,7 @@ def test_two_processes_give_the_single_process_features(tmp_path: Path) -> None:
     }
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+            [sys.executable, "-c", WORKER, *overrides(scenes, tmp_path / "ddp", 2)],
             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -68,14 +68,13 @@ def test_two_processes_give_the_single_process_features(tmp_path: Path) -> None:
         for rank in range(2)
     ]
     for p in processes:
-        output, _ = p.communicate(timeout=300)
+        output, _ = p.communicate(timeout=600)
         assert p.returncode == 0, output[-3000:]
-    image_features, text_features = torch.load(tmp_path / "out.pt")
-    torch.manual_seed(0)
-    model = create_clip("agree-tiny").eval()
-    device = torch.device("cpu")
-    expected_images = extract(lambda x: encode_image(model, x), images.split(5), device, "images")
-    expected_texts = extract(lambda x: encode_text(model, x), tokens.split(5), device, "texts")
-    assert image_features.shape == expected_images.shape and text_features.shape == expected_texts.shape
-    torch.testing.assert_close(image_features, expected_images, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(text_features, expected_texts, rtol=1e-5, atol=1e-6)
+    with initialize_config_module("agree.conf", version_base="1.3"):
+        single = evaluate(compose("evaluate", overrides(scenes, tmp_path / "single", 1)))
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text()) == single
+    for name in STORE:
+        ids, features = load_features(tmp_path / "ddp" / "features", name)
+        want_ids, want = load_features(tmp_path / "single" / "features", name)
+        assert ids == want_ids and features.shape == want.shape
+        np.testing.assert_allclose(features, want, rtol=1e-5, atol=1e-6, err_msg=name)
