@@ -36,7 +36,7 @@ def free_port() -> int:
 
 def overrides(scenes, out: Path, devices: int) -> list[str]:
     synthetic = [f"data.synthetic.{k}={v}" for k, v in dataclasses.asdict(SMALL_SCENES).items()]
-    # batch 4 over 20 images and 100 captions: uneven shares, short last batches
+    # batch 4: each process's share (10 of the 20 images, 50 of the 100 captions) ends in a short batch
     return [
         f"output_dir={out}",
         f"data.root={scenes.root}",
