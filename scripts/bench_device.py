@@ -10,7 +10,7 @@ One run on whatever device is present (CUDA when available, else CPU):
 (c) feature extraction of the test images and captions through ``agree.evaluate``'s code path
     against a pure forward loop over tensors already on the device (the ratio pure/(c));
 (d) peak memory of the AGREE step per batch size, each in a fresh process (CUDA: allocated device
-    memory; CPU: peak RSS growth during the steps);
+    memory; CPU: the process's peak RSS during the steps, model and batch included);
 (e) achieved FLOP/s of (a) and (b), FLOPs counted with torch's FlopCounterMode over the real step
     (the counter open_clip's model profiler uses).
 On CPU: the tiny model at 64 px in float32. On a GPU: ViT-B/32 and ViT-L/14 with random weights at
@@ -165,7 +165,7 @@ def peak_memory_child(name: str, size: int, batch: int, root: str) -> None:
     model = create_clip(name).to(device)
     step = training_step(model, torch.optim.AdamW(model.parameters()), WEIGHTS["agree"], device)
     resident = move_data_to_device(next(iter(dm.train_dataloader())), device)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_peak_rss()
     try:
         for _ in range(2):
             step(resident)
@@ -175,8 +175,24 @@ def peak_memory_child(name: str, size: int, batch: int, root: str) -> None:
         return
     if device.type == "cuda":
         print(f"{torch.cuda.max_memory_allocated() / 2**30:.2f}")
-    else:  # the steps' own high-water mark, above the process with its model and batch loaded
-        print(f"{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20:.2f}")
+    else:
+        print(f"{peak_rss_gib():.2f}")
+
+
+def reset_peak_rss() -> None:
+    """Restart the process's peak-RSS count (Linux: VmHWM), so it covers the steps only."""
+    clear_refs = Path("/proc/self/clear_refs")
+    if clear_refs.exists():
+        clear_refs.write_text("5")
+
+
+def peak_rss_gib() -> float:
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def peak_memory(name: str, size: int, batch_sizes, root: Path) -> str:
