@@ -31,7 +31,8 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench_training_step.py
-	$(PY) scripts/bench_retrieval.py
+	$(PY) scripts/bench_device.py
+	$(PY) scripts/bench_retrieval.py --skip-large
 
 # Removes only the folders the demo and the data generator made (they carry a marker file);
 # training runs, evaluations and the user's data are kept.

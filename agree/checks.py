@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import open_clip
 from omegaconf import DictConfig, OmegaConf
 
 from agree.config import data_layout, generated, resolve_model, resolve_path, scene_config
@@ -16,7 +15,6 @@ from agree.data.datasets import FALLBACK_MASKS, LOSS_INPUTS
 from agree.data.formats import ReleaseLayout
 from agree.data.synthetic import OWNER
 from agree.folders import check_claim
-from agree.model import clip  # noqa: F401  (registers the tiny model config with open_clip)
 
 WEIGHT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 
@@ -58,6 +56,11 @@ def require_file(path: Path, key: str, value: object, what_to_do: str) -> None:
 
 def check_model(model: DictConfig, pretrained: str | None) -> None:
     """``model.name`` is an open_clip architecture; ``pretrained`` an existing file or one of its tags."""
+    # imported here, not at the top: evaluation from feature files loads no model code
+    import open_clip
+
+    from agree.model import clip  # noqa: F401  (registers the tiny model config with open_clip)
+
     if model.name not in open_clip.list_models():
         raise ConfigError(
             f"model.name={model.name} is not an open_clip architecture; choose model=tiny, vit_b32 or vit_l14"

@@ -112,3 +112,10 @@ def loss_weights_preset(name: str) -> dict[str, float]:
     """The weights of a ``losses`` config group option (``clip``, ``agree``)."""
     path = Path(__file__).parent / "conf" / "losses" / f"{name}.yaml"
     return {key: float(value) for key, value in OmegaConf.load(path).items()}
+
+
+def allow_tf32(enabled: bool) -> None:
+    """TF32 matrix products and convolutions on CUDA (float32 range, 10-bit mantissa); no-op on CPU."""
+    if enabled and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

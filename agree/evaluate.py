@@ -8,6 +8,9 @@ store), ``predictions/`` (reference JSONL per stage and direction), ``evaluation
 evaluation JSON per stage and direction), ``results.json`` and ``report_inputs.json`` (where
 ``agree.report`` finds the annotations and test images). They are written into a hidden staging
 folder first and replace an earlier evaluation's outputs as a set (``agree.io.replace_as_set``).
+
+Model, dataset and Lightning code is imported inside the functions that extract features, so an
+evaluation from feature files starts without loading it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +26,6 @@ from omegaconf import DictConfig, OmegaConf
 from agree.checks import ConfigError, check_data_root, check_evaluate_config
 from agree.cli import user_errors
 from agree.config import ensure_data, resolve_device, resolve_path
-from agree.data.datasets import ImageArrays, slot_texts
 from agree.data.formats import (
     DataFormatError,
     NpzImages,
@@ -40,7 +41,6 @@ from agree.data.formats import (
     read_text_segs,
 )
 from agree.io import replace_as_set, staging_dir, write_json, write_jsonl
-from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
 from agree.retrieval.features import extract, save_features
 from agree.retrieval.metrics import positives_from_pairs, recall_at_k, summarise
 from agree.retrieval.pipeline import EntityFeatures, rank_stages
@@ -110,6 +110,8 @@ def entity_texts(
 ) -> tuple[list[str], list[str]]:
     """(prompts, masked captions) of a caption's first ``max_entities`` entities of at most
     ``max_words`` words (None: any length, as the release at test time); see ``slot_texts``."""
+    from agree.data.datasets import slot_texts
+
     kept = [e for e in entities if max_words is None or len(e.split(" ")) <= max_words]
     return slot_texts(caption, kept, max_entities, ignore_case, encode_empty_slots)
 
@@ -121,27 +123,68 @@ def release_slots(texts: list[TestText], segs: dict[str, list[str]], max_entitie
     return torch.arange(max_entities)[None, :] < counts[:, None]
 
 
-def _encode_texts(model, tokenizer, texts: list[str], batch_size: int, device, desc: str) -> torch.Tensor:
-    batches = [tokenizer(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-    return extract(lambda x: encode_text(model, x), batches, device, desc, len(batches))
+def _extractors(cfg: DictConfig, model, tokenizer, device: torch.device):
+    """(encode an image dataset, encode a list of texts): in this process, or in ``cfg.devices``
+    processes through Lightning's predict loop under DDP (every process gets all features)."""
+    from agree.model.clip import encode_image, encode_text
+
+    if cfg.devices > 1:
+        from agree.retrieval.predict import predict_features
+
+        trainer = {
+            "accelerator": "gpu" if device.type == "cuda" else "cpu",
+            "devices": cfg.devices,
+            "strategy": "ddp",
+            "precision": "bf16-mixed" if device.type == "cuda" else "32-true",
+        }
+        workers = cfg.data.num_workers
+
+        def images(dataset, desc: str) -> torch.Tensor:
+            return predict_features(model, encode_image, dataset, cfg.batch_size, trainer, workers)
+
+        def texts(strings: list[str], desc: str) -> torch.Tensor:
+            return predict_features(model, encode_text, tokenizer(strings), cfg.batch_size, trainer)
+
+        return images, texts
+
+    def images(dataset, desc: str) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.data.num_workers,  # npz reads overlap the encoder
+            pin_memory=device.type == "cuda",
+        )
+        return extract(lambda x: encode_image(model, x), loader, device, desc, len(loader))
+
+    def texts(strings: list[str], desc: str) -> torch.Tensor:
+        size = cfg.batch_size
+        batches = [tokenizer(strings[i : i + size]) for i in range(0, len(strings), size)]
+        return extract(lambda x: encode_text(model, x), batches, device, desc, len(batches))
+
+    return images, texts
 
 
 def model_features(
     cfg: DictConfig, texts: list[TestText], images: list[TestImage], segs: dict | None, layout
 ):
     """(text features, image features, entity features or None) from the configured model."""
+    import lightning as L
+
+    from agree.data.datasets import ImageArrays
+    from agree.model.clip import create_clip, get_tokenizer
+
+    L.seed_everything(cfg.seed, verbose=False)  # random-init weights
     device = resolve_device(cfg.device)
     npz = NpzImages(layout.images_npz("test"), layout.image_size)
     image_ids = [im.image_id for im in images]
     npz.require(image_ids, "test image_id")
     pretrained = str(resolve_path(cfg.ckpt_path)) if cfg.ckpt_path else cfg.model.pretrained
     model = create_clip(cfg.model.name, pretrained).to(device).eval()
-    tokenizer = get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation)
-    loader = torch.utils.data.DataLoader(
-        ImageArrays(npz, image_ids, "test image_id"), batch_size=cfg.batch_size
+    encode_images, encode_texts = _extractors(
+        cfg, model, get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation), device
     )
-    image_features = extract(lambda x: encode_image(model, x), loader, device, "images", len(loader))
-    text_features = _encode_texts(model, tokenizer, [t.text for t in texts], cfg.batch_size, device, "texts")
+    image_features = encode_images(ImageArrays(npz, image_ids, "test image_id"), "images")
+    text_features = encode_texts([t.text for t in texts], "texts")
     if segs is None:
         return text_features, image_features, None
     e = cfg.rerank
@@ -162,7 +205,7 @@ def model_features(
     slots = []
     for which, desc in ((0, "entity prompts"), (1, "masked captions")):
         flat = [text for query in per_query for text in query[which]]  # only real slots are encoded
-        encoded = _encode_texts(model, tokenizer, flat, cfg.batch_size, device, desc)
+        encoded = encode_texts(flat, desc)
         slots.append(
             encoded.new_zeros(*valid.shape, text_features.shape[1]).masked_scatter(valid[..., None], encoded)
         )
@@ -245,6 +288,8 @@ def check_config(cfg: DictConfig) -> None:
         if f[key] and not resolve_path(f[key]).is_file():
             raise ConfigError(f"features.{key}={f[key]}: file not found")
     _check_entity_counts(cfg)
+    if isinstance(cfg.devices, bool) or not isinstance(cfg.devices, int) or cfg.devices < 1:
+        raise ConfigError(f"devices={cfg.devices}: the number of extraction processes, an integer >= 1")
     check_evaluate_config(cfg)
 
 
@@ -300,9 +345,10 @@ def load_test_set(cfg: DictConfig) -> TestSet:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Extract (or read) features, rank and re-rank both directions, score, write every output."""
-    L.seed_everything(cfg.seed, verbose=False)
     target = Path(cfg.output_dir)
     data = load_test_set(cfg)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        return {}  # extraction over several processes: the first one ranks and writes
     device = resolve_device(cfg.device)
     r = cfg.rerank
     entities = data.entities
@@ -369,9 +415,11 @@ def format_table(results: dict) -> str:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     with user_errors():
         results = evaluate(cfg)
+    if not results:  # another process of a multi-process extraction
+        return None
     print(format_table(results))
     print(f"results: {Path(cfg.output_dir) / 'results.json'}")
     return results[list(results)[-1]]["rsum"]

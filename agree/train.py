@@ -23,7 +23,7 @@ from agree.checks import (
     resume_path,
 )
 from agree.cli import user_errors
-from agree.config import data_layout, resolve_precision, scene_config
+from agree.config import allow_tf32, data_layout, resolve_precision, scene_config
 from agree.data.datamodule import AgreeDataModule
 from agree.data.datasets import inputs_for
 from agree.io import write_json, write_torch
@@ -131,6 +131,7 @@ def finished_run(out: Path, state: dict) -> dict[str, float]:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Train as ``cfg`` says; return the final validation metrics and the objects used."""
     check_train_config(cfg)
+    allow_tf32(cfg.get("tf32", True))
     out = Path(cfg.output_dir)
     resume = resume_path(cfg)
     state = run_state(resume)
@@ -152,6 +153,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         margin_gradient=cfg.loss_options.margin_gradient,
         exempt_1d=cfg.optim.exempt_1d,
         schedule_epochs=cfg.optim.schedule_epochs,
+        grad_checkpointing=cfg.model.get("grad_checkpointing", False),
+        compile=cfg.model.get("compile", False),
+        fused_adamw=cfg.optim.get("fused"),
     )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision"), cfg.gpu_precision)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from agree.retrieval.search import topk_similarity
+from agree.retrieval.search import topk_both, topk_similarity
 
 
 def reference_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[list, list]:
@@ -74,3 +74,36 @@ def test_validation() -> None:
         topk_similarity(torch.zeros(3), torch.zeros(5, 3), 1)
     with pytest.raises(ValueError, match="k must be"):
         topk_similarity(torch.zeros(4, 3), torch.zeros(5, 3), 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(("k", "k_back"), [(1, 1), (4, 9), (9, 4), (40, 40)])
+@pytest.mark.parametrize("data", ["random", "ties"])
+@pytest.mark.parametrize(("query_chunk", "gallery_tile"), [(3, 7), (4096, 65536)])
+def test_one_pass_equals_per_direction_search(
+    seed: int, k: int, k_back: int, data: str, query_chunk: int, gallery_tile: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    if data == "random":  # multiples of 1/64 in 4-d: every score is exact in float32 either way round
+        queries, gallery = (torch.randint(-64, 65, (n, 4), generator=g) / 64.0 for n in (17, 23))
+    else:
+        queries, gallery = tie_heavy(g, 17, 3), tie_heavy(g, 23, 3)
+    forward, backward = topk_both(queries, gallery, k, k_back, query_chunk, gallery_tile)
+    for got, want in zip(
+        (forward, backward),
+        (topk_similarity(queries, gallery, k), topk_similarity(gallery, queries, k_back)),
+        strict=True,
+    ):
+        assert got[1].tolist() == want[1].tolist()
+        assert torch.equal(got[0], want[0])
+    assert backward[1].tolist() == reference_topk(gallery, queries, k_back)[1]
+
+
+def test_one_pass_default_k_back_and_empty_sides() -> None:
+    queries, gallery = torch.ones(3, 2), torch.ones(5, 2)
+    (_, forward), (_, backward) = topk_both(queries, gallery, 4, gallery_tile=2)
+    assert forward.tolist() == [[0, 1, 2, 3]] * 3 and backward.tolist() == [[0, 1, 2]] * 5
+    (scores, forward), (_, backward) = topk_both(torch.zeros(0, 2), gallery, 2)
+    assert forward.shape == (0, 2) and backward.shape == (5, 0) and scores.dtype == torch.float32
+    with pytest.raises(ValueError, match="k must be"):
+        topk_both(queries, gallery, 2, 0)

@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Iterator
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from agree.data.datasets import CollateTrain, CollateVal, EntitySources, Tokenizer, TrainCaptions, ValImages
@@ -156,7 +157,12 @@ class AgreeDataModule(L.LightningDataModule):
         )
 
     def _workers(self) -> dict:
-        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        # pinned host memory makes the copy to a GPU asynchronous (the step's .to(non_blocking=True))
+        return {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+        }
 
     def train_dataloader(self) -> ResumableLoader:
         trainer = self.trainer

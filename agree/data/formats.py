@@ -15,12 +15,14 @@ import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
+from agree.data.lines import parsed_lines
 from agree.data.pixels import OPENAI_MEAN, OPENAI_STD
 from agree.io import atomic_path
 
@@ -562,32 +564,46 @@ def _number_array(value: Any) -> np.ndarray | None:
         return array.astype(np.float32)
 
 
-def _feature_rows(path: str | os.PathLike, id_key: str):
-    """Yield (``file:line``, canonical id, float32 array) of a feature JSONL file."""
-    for where, line in _lines(path):
+def _feature_row(line: bytes, where: str, id_key: str) -> tuple[str, np.ndarray]:
+    """(canonical id, float32 array) of one feature JSONL line; ``where`` locates it in errors."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        # Python's json also reads NaN/Infinity (which its writer emits) and huge integers: report
+        # those as bad values below; anything else fails there as malformed
         try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            # Python's json also reads NaN/Infinity (which its writer emits) and huge integers: report
-            # those as bad values below; anything else fails there as malformed
-            try:
-                obj = json.loads(_decode(line, where))
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            except RecursionError:
-                raise DataFormatError(f"{where}: JSON nested too deeply") from None
-            except ValueError as e:
-                raise DataFormatError(f"{where}: {one_line(e)}") from None
-        _check_fields(obj, {id_key: (int, str), "feature": list}, where)
-        array = _number_array(obj["feature"])
-        if array is None:
-            raise DataFormatError(f"{where}: 'feature' is not a (list of) equal-length number lists")
-        if not np.isfinite(array).all():
-            raise DataFormatError(
-                f"{where}: {id_key} {show(obj[id_key])}: feature contains NaN or infinite values "
-                "(or numbers beyond float32)"
-            )
-        yield where, _id(obj[id_key], where, id_key), array
+            obj = json.loads(_decode(line, where))
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataFormatError(f"{where}: JSON nested too deeply") from None
+        except ValueError as e:
+            raise DataFormatError(f"{where}: {one_line(e)}") from None
+    _check_fields(obj, {id_key: (int, str), "feature": list}, where)
+    array = _number_array(obj["feature"])
+    if array is None:
+        raise DataFormatError(f"{where}: 'feature' is not a (list of) equal-length number lists")
+    if not np.isfinite(array).all():
+        raise DataFormatError(
+            f"{where}: {id_key} {show(obj[id_key])}: feature contains NaN or infinite values "
+            "(or numbers beyond float32)"
+        )
+    return _id(obj[id_key], where, id_key), array
+
+
+def _feature_rows(path: str | os.PathLike, id_key: str) -> Iterator[tuple[str, str, np.ndarray]]:
+    """Yield (``file:line``, canonical id, float32 array) of a feature JSONL file, in file order.
+
+    Large files are parsed by several processes (``agree.data.lines``): JSON number parsing is the
+    cost of reading these files.
+    """
+    if not Path(path).is_file():
+        raise DataFormatError(f"{path}: file not found")
+    try:
+        for where, (key, array) in parsed_lines(path, partial(_feature_row, id_key=id_key)):
+            yield where, key, array
+    except OSError as e:
+        raise DataFormatError(f"{path}: cannot read ({one_line(e)})") from None
 
 
 def read_feature_jsonl(path: str | os.PathLike, id_key: str) -> tuple[list[str], np.ndarray]:

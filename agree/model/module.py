@@ -11,7 +11,7 @@ import torch.distributed.nn.functional as dist_fn
 
 from agree.model import losses
 from agree.model.clip import CHECKPOINT_KEY, create_clip, encode_image, encode_text
-from agree.retrieval.metrics import RetrievalRecallMetric
+from agree.retrieval.recall_metric import RetrievalRecallMetric
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -30,6 +30,19 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, exempt_1d: boo
         exempt = by_name or (exempt_1d and param.ndim < 2)
         (no_decay if exempt else decay).append(param)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def speed_options(model: torch.nn.Module, grad_checkpointing: bool, compile: bool) -> None:
+    """Activation checkpointing (open_clip's own) and ``torch.compile`` of both towers, in place.
+
+    ``nn.Module.compile`` keeps the state-dict keys (``torch.compile(module)`` would prefix them),
+    so checkpoints stay loadable by an uncompiled model.
+    """
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if compile:
+        model.visual.compile()
+        model.transformer.compile()
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -182,10 +195,14 @@ class AgreeModule(L.LightningModule):
         margin_gradient: bool = True,
         exempt_1d: bool = True,
         schedule_epochs: int | None = None,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        fused_adamw: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_clip(model_name, pretrained)
+        speed_options(self.model, grad_checkpointing, compile)
         self.loss_weights = {name: w for name, w in loss_weights.items() if w > 0}
         self.val_recall = RetrievalRecallMetric()
 
@@ -230,14 +247,21 @@ class AgreeModule(L.LightningModule):
 
     # -- optimisation and checkpoints -------------------------------------------------------------
 
-    def configure_optimizers(self):
+    def optimizer(self) -> torch.optim.AdamW:
+        """AdamW as configured; ``fused_adamw`` None: the fused kernel (one launch per step) on CUDA."""
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
+        fused = hp.get("fused_adamw")
+        return torch.optim.AdamW(
             parameter_groups(self.model, hp.weight_decay, hp.exempt_1d),
             lr=hp.lr,
             betas=tuple(hp.betas),
             eps=hp.eps,
+            fused=self.device.type == "cuda" if fused is None else fused,
         )
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = self.optimizer()
         total = schedule_steps(self.trainer, hp.schedule_epochs)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total)

@@ -22,10 +22,16 @@ def extract(
     desc: str,
     total: int | None = None,
 ) -> torch.Tensor:
-    """Encode every batch on ``device``; return the features as one float32 CPU tensor."""
-    out = [
-        encode(batch.to(device, non_blocking=True)).float().cpu() for batch in progress(batches, desc, total)
-    ]
+    """Encode every batch on ``device``; return the features as one float32 CPU tensor.
+
+    On CUDA the encoder runs under bf16 autocast (as open_clip's and CLIP_benchmark's evaluation
+    do); features are normalised and returned in float32.
+    """
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = [
+            encode(batch.to(device, non_blocking=True)).float().cpu()
+            for batch in progress(batches, desc, total)
+        ]
     return torch.cat(out)
 
 

@@ -1,17 +1,11 @@
 """Recall@K as papers report it: a query scores at K if *any* of its positives is in its top K.
 
-torchmetrics' ``RetrievalRecall`` computes another quantity (relevant-in-top-K over all relevant,
-so image→text R@1 ≤ 0.2 with five captions per image) and loops over queries in Python, so
-``RetrievalRecallMetric`` is a ``torchmetrics.Metric`` that only borrows its state handling
-(accumulation, cross-rank concatenation) and computes recall with tensor ops.
+Pure tensor functions; the validation metric built on them is ``agree.retrieval.recall_metric``.
 """
 
 from __future__ import annotations
 
 import torch
-from torchmetrics import Metric
-
-from agree.retrieval.search import topk_similarity
 
 KS = (1, 5, 10)
 DIRECTIONS = {"t2i": "text_to_image", "i2t": "image_to_text"}
@@ -52,59 +46,3 @@ def summarise(text_to_image: dict[str, float], image_to_text: dict[str, float]) 
     """The results block: recalls per direction and RSUM (the sum of the six recalls)."""
     rsum = sum(v for d in (text_to_image, image_to_text) for k, v in d.items() if k != "mean_recall")
     return {"text_to_image": text_to_image, "image_to_text": image_to_text, "rsum": rsum}
-
-
-def _first_occurrence(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted unique ids, index of each one's first occurrence in ``ids``)."""
-    unique, inverse = torch.unique(ids, return_inverse=True)
-    first = torch.full((len(unique),), len(ids), dtype=torch.long, device=ids.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
-    return unique, first
-
-
-class RetrievalRecallMetric(Metric):
-    """Image↔text recall@1/5/10 over embeddings accumulated across batches and ranks.
-
-    Each caption has one image; an image's positives are all its captions. Items that a
-    ``DistributedSampler`` repeated to even out batches are counted once (by id).
-    """
-
-    full_state_update = False
-
-    def __init__(self, ks: tuple[int, ...] = KS, **kwargs):
-        super().__init__(**kwargs)
-        self.ks = tuple(ks)
-        for name in ("image_features", "image_ids", "text_features", "text_ids", "text_image_ids"):
-            self.add_state(name, default=[], dist_reduce_fx="cat")
-
-    def update(
-        self,
-        image_features: torch.Tensor,
-        image_ids: torch.Tensor,
-        text_features: torch.Tensor,
-        text_ids: torch.Tensor,
-        text_image_ids: torch.Tensor,
-    ) -> None:
-        self.image_features.append(image_features.float())
-        self.image_ids.append(image_ids)
-        self.text_features.append(text_features.float())
-        self.text_ids.append(text_ids)
-        self.text_image_ids.append(text_image_ids)
-
-    def compute(self) -> dict[str, float]:
-        cat = lambda x: torch.cat(x) if isinstance(x, list) else x  # noqa: E731
-        image_ids, keep_images = _first_occurrence(cat(self.image_ids))
-        _, keep_texts = _first_occurrence(cat(self.text_ids))
-        images = cat(self.image_features)[keep_images]
-        texts = cat(self.text_features)[keep_texts]
-        text_image = torch.searchsorted(image_ids, cat(self.text_image_ids)[keep_texts])
-        k = min(max(self.ks), len(images), len(texts))
-        text_index = torch.arange(len(texts), device=texts.device)
-        t2i = recall_at_k(topk_similarity(texts, images, k)[1], text_image[:, None], self.ks)
-        i2t_positives = positives_from_pairs(text_image, text_index, len(images))
-        i2t = recall_at_k(topk_similarity(images, texts, k)[1], i2t_positives, self.ks)
-        results = {}
-        for short, values in (("t2i", t2i), ("i2t", i2t)):
-            results.update({f"{short}_{name}": value for name, value in values.items()})
-        results["rsum"] = summarise(t2i, i2t)["rsum"]
-        return results

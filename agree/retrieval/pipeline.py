@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from agree.retrieval.rerank import egr_image_to_text, egr_text_to_image, tbr
-from agree.retrieval.search import topk_similarity
+from agree.retrieval.search import topk_both
 
 STAGES = ("egr", "tbr")
 
@@ -47,10 +47,8 @@ def rank_stages(
         raise ValueError("EGR needs entity features (prompts and masked captions)")
     raw_k = max(k, min_raw_k)
     search_k = max(raw_k, depth) if "egr" in stages else raw_k  # one search also feeds EGR's candidates
-    searched = {
-        "text_to_image": topk_similarity(texts, images, search_k),
-        "image_to_text": topk_similarity(images, texts, search_k),
-    }
+    # one pass over the similarities feeds both directions
+    searched = dict(zip(("text_to_image", "image_to_text"), topk_both(texts, images, search_k), strict=True))
     lists = {"raw": {d: ranked[:, :raw_k] for d, (_, ranked) in searched.items()}}
     current = {d: ranked[:, :k] for d, ranked in lists["raw"].items()}
     for stage in stages:

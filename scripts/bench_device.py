@@ -1,0 +1,272 @@
+"""Device benchmark: how close training and feature extraction come to the model's own ceiling.
+
+    python scripts/bench_device.py [--models NAME ...] [--steps 10] [--workers N] [--batch-sizes 8 16 32]
+
+One run on whatever device is present (CUDA when available, else CPU):
+(a) ceiling: the AGREE training step (all six losses) and the CLIP step on one batch already in
+    device memory;
+(b) the same steps fed by AgreeDataModule from release-format npz files at the model's
+    resolution, with ``--workers`` loader workers (the efficiency ratio (b)/(a));
+(c) feature extraction of the test images and captions through ``agree.evaluate``'s code path
+    against a pure forward loop over tensors already on the device (the ratio pure/(c));
+(d) peak memory of the AGREE step per batch size, each in a fresh process (CUDA: allocated device
+    memory; CPU: the process's peak RSS during the steps, model and batch included);
+(e) achieved FLOP/s of (a) and (b), FLOPs counted with torch's FlopCounterMode over the real step
+    (the counter open_clip's model profiler uses).
+On CPU: the tiny model at 64 px in float32. On a GPU: ViT-B/32 and ViT-L/14 with random weights at
+224 px under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from hydra import compose, initialize_config_module  # noqa: E402
+from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from agree import evaluate  # noqa: E402
+from agree.config import allow_tf32, ensure_data, loss_weights_preset  # noqa: E402
+from agree.data.datamodule import AgreeDataModule  # noqa: E402
+from agree.data.datasets import inputs_for  # noqa: E402
+from agree.data.formats import ReleaseLayout, read_test_images, read_test_texts  # noqa: E402
+from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer  # noqa: E402
+from agree.model.module import agree_losses  # noqa: E402
+
+WEIGHTS = {"agree": loss_weights_preset("agree"), "clip": loss_weights_preset("clip")}
+# (model group, open_clip name without QuickGELU: random weights), image size, batch, batch sizes for (d)
+CPU_MODELS = {"agree-tiny": ("tiny", 64, 32, (8, 16, 32))}
+GPU_MODELS = {"ViT-B-32": ("vit_b32", 224, 128, (32, 64, 128)), "ViT-L-14": ("vit_l14", 224, 32, (8, 16, 32))}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def config(name: str, group: str, size: int, batch: int, root: Path, device: torch.device):
+    """The evaluation config of the benchmark (its data section also describes the training data)."""
+    overrides = [
+        f"model={group}",
+        f"model.name={name}",
+        "model.pretrained=null",
+        f"model.image_size={size}",
+        f"data.root={root}",
+        f"data.synthetic.train_images={batch * 4}",
+        "data.synthetic.val_images=8",
+        f"data.synthetic.test_images={200 if device.type == 'cpu' else 1000}",
+        "data.synthetic.vg_images_per_word=2",
+        f"batch_size={batch * 2}",
+        f"device={device.type}",
+        f"output_dir={root}/eval",
+    ]
+    with initialize_config_module("agree.conf", version_base="1.3"):
+        return compose("evaluate", overrides)
+
+
+def training_step(model, optimizer, weights: dict[str, float], device: torch.device):
+    def step(batch: dict) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            parts = agree_losses(model, batch, weights)
+            total = sum(weights[k] * v for k, v in parts.items())
+        total.backward()
+        optimizer.step()
+
+    return step
+
+
+def seconds_per_call(fn, batches, device: torch.device) -> float:
+    """Mean seconds per call of ``fn`` over ``batches`` (an iterator; the first call warms up)."""
+    fn(next(batches))
+    sync(device)
+    start, calls = time.perf_counter(), 0
+    for batch in batches:
+        fn(batch)
+        calls += 1
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def step_flops(step, batch: dict) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    return counter.get_total_flops()
+
+
+def bench_training(layout, cfg, device, steps: int, workers: int, batch: int) -> dict:
+    model = create_clip(cfg.model.name).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+    out = {}
+    for label, weights in WEIGHTS.items():
+        tokenizer = get_tokenizer(cfg.model.name)
+        dm = AgreeDataModule(layout, tokenizer, batch, num_workers=workers, needs=inputs_for(weights))
+        dm.setup()
+        step = training_step(model, optimizer, weights, device)
+        loader = dm.train_dataloader()
+        resident = move_data_to_device(next(iter(loader)), device)
+        ceiling = seconds_per_call(step, itertools.repeat(resident, steps + 1), device)
+        epochs = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
+        fed_batches = (move_data_to_device(b, device) for b in itertools.islice(epochs, steps + 1))
+        fed = seconds_per_call(step, fed_batches, device)
+        flops = step_flops(step, resident)
+        out[label] = {"ceiling": ceiling, "fed": fed, "flops": flops, "samples": batch}
+    return out
+
+
+def bench_extraction(layout, cfg, device) -> dict:
+    texts, images = read_test_texts(layout.test_texts), read_test_images(layout.test_images)
+    sync(device)
+    start = time.perf_counter()
+    evaluate.model_features(cfg, texts, images, None, layout)
+    sync(device)
+    path = time.perf_counter() - start
+    model = create_clip(cfg.model.name).to(device).eval()
+    size, bs = cfg.model.image_size, cfg.batch_size
+    pixels = torch.randn(len(images), 3, size, size, device=device)
+    tokens = get_tokenizer(cfg.model.name)([t.text for t in texts]).to(device)
+    sync(device)
+    start = time.perf_counter()
+    with torch.no_grad(), autocast(device):
+        for i in range(0, len(pixels), bs):
+            encode_image(model, pixels[i : i + bs])
+        for i in range(0, len(tokens), bs):
+            encode_text(model, tokens[i : i + bs])
+    sync(device)
+    return {"path": path, "pure": time.perf_counter() - start, "images": len(images), "texts": len(texts)}
+
+
+def peak_memory_child(name: str, size: int, batch: int, root: str) -> None:
+    """Two AGREE steps on one resident batch; prints the peak memory in GiB (or OOM)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allow_tf32(True)
+    layout = ReleaseLayout(Path(root), Path(root) / "VG", size)
+    dm = AgreeDataModule(layout, get_tokenizer(name), batch_size=batch, needs=inputs_for(WEIGHTS["agree"]))
+    dm.setup()
+    model = create_clip(name).to(device)
+    step = training_step(model, torch.optim.AdamW(model.parameters()), WEIGHTS["agree"], device)
+    resident = move_data_to_device(next(iter(dm.train_dataloader())), device)
+    reset_peak_rss()
+    try:
+        for _ in range(2):
+            step(resident)
+        sync(device)
+    except torch.OutOfMemoryError:
+        print("OOM")
+        return
+    if device.type == "cuda":
+        print(f"{torch.cuda.max_memory_allocated() / 2**30:.2f}")
+    else:
+        print(f"{peak_rss_gib():.2f}")
+
+
+def reset_peak_rss() -> None:
+    """Restart the process's peak-RSS count (Linux: VmHWM), so it covers the steps only."""
+    clear_refs = Path("/proc/self/clear_refs")
+    if clear_refs.exists():
+        clear_refs.write_text("5")
+
+
+def peak_rss_gib() -> float:
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_memory(name: str, size: int, batch_sizes, root: Path) -> str:
+    cells = []
+    for batch in batch_sizes:
+        done = subprocess.run(
+            [sys.executable, __file__, "--memory-child", name, str(size), str(batch), str(root)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        value = done.stdout.strip().splitlines()[-1]
+        cells.append(f"batch {batch}: {value}{'' if value == 'OOM' else ' GiB'}")
+    return ", ".join(cells)
+
+
+def report(name: str, device, train: dict, extraction: dict, memory: str) -> None:
+    print(f"{name} on {device_name(device)}")
+    for label, r in train.items():
+        images = (4 if label == "agree" else 1) * r["samples"]  # an AGREE sample encodes 4 images
+        tflops = {k: r["flops"] / r[k] / 1e12 for k in ("ceiling", "fed")}
+        print(
+            f"  {label:<5} step, batch {r['samples']}: ceiling {r['ceiling'] * 1e3:7.1f} ms "
+            f"({r['samples'] / r['ceiling']:7.1f} samples/s, {images / r['ceiling']:7.1f} images/s, "
+            f"{tflops['ceiling']:.3f} TFLOP/s); DataModule-fed {r['fed'] * 1e3:7.1f} ms "
+            f"({tflops['fed']:.3f} TFLOP/s) -> fed/ceiling {r['ceiling'] / r['fed']:.0%}"
+        )
+    e = extraction
+    print(
+        f"  extraction of {e['images']} images + {e['texts']} captions: evaluate's path {e['path']:.2f} s, "
+        f"pure forward loop {e['pure']:.2f} s -> pure/path {e['pure'] / e['path']:.0%} "
+        f"({e['images'] / e['path']:.0f} images/s with captions)"
+    )
+    print(f"  peak memory of the AGREE step: {memory}")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", help="open_clip names (default: the device's set)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--workers", type=int, help="loader workers (default: data.num_workers)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, help="batch sizes of (d)")
+    parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        name, size, batch, root = args.memory_child
+        peak_memory_child(name, int(size), int(batch), root)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allow_tf32(True)
+    table = GPU_MODELS if device.type == "cuda" else CPU_MODELS
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models or list(table):
+            group, size, batch, batch_sizes = table.get(name, ("tiny", 224, 32, (8, 16, 32)))
+            root = Path(tmp) / name
+            batch_sizes = args.batch_sizes or batch_sizes
+            # the training split holds the largest batch of (d) too
+            cfg = config(name, group, size, max(batch, *batch_sizes), root, device)
+            layout = ensure_data(cfg.data)
+            workers = cfg.data.num_workers if args.workers is None else args.workers
+            train = bench_training(layout, cfg, device, args.steps, workers, batch)
+            extraction = bench_extraction(layout, cfg, device)
+            memory = peak_memory(name, size, batch_sizes, root)
+            report(name, device, train, extraction, memory)
+
+
+if __name__ == "__main__":
+    main()

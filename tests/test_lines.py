@@ -1,0 +1,57 @@
+"""Feature JSONL files parsed by several processes read exactly as in one, errors naming the line."""
+
+import numpy as np
+import pytest
+
+from agree.data import lines
+from agree.data.formats import (
+    DataFormatError,
+    read_entity_feature_jsonl,
+    read_feature_jsonl,
+    write_feature_jsonl,
+)
+
+
+@pytest.fixture
+def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranges of a few lines each, parsed by two worker processes."""
+    monkeypatch.setattr(lines, "RANGE_BYTES", 300)
+    monkeypatch.setattr(lines, "_default_workers", lambda: 2)
+
+
+def features(tmp_path, n=40, dim=6):
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((n, dim)).astype(np.float32)
+    path = tmp_path / "f.jsonl"
+    write_feature_jsonl(path, "image_id", [str(1000 + i) for i in range(n)], rows)
+    return path, rows
+
+
+def test_parallel_read_equals_one_process(tmp_path, small_ranges) -> None:
+    path, rows = features(tmp_path)
+    ranges = lines._byte_ranges(path, path.stat().st_size, lines.RANGE_BYTES)
+    assert len(ranges) > 4 and ranges[-1][1] == path.stat().st_size
+    ids, got = read_feature_jsonl(path, "image_id")
+    assert ids == [str(1000 + i) for i in range(40)]
+    np.testing.assert_array_equal(got, rows)
+    valid = np.arange(4)[None, :] < np.arange(40)[:, None] % 5
+    entity_path = tmp_path / "e.jsonl"
+    entities = np.repeat(rows[:, None], 4, 1)
+    write_feature_jsonl(entity_path, "query_id", [str(i) for i in range(40)], entities, valid)
+    _, entity_rows, entity_valid = read_entity_feature_jsonl(entity_path, 4)
+    np.testing.assert_array_equal(entity_valid, valid)
+    np.testing.assert_array_equal(entity_rows[valid], entities[valid])
+
+
+def test_parallel_read_names_the_bad_line(tmp_path, small_ranges) -> None:
+    path, _ = features(tmp_path)
+    text = path.read_bytes().split(b"\n")
+    text.insert(3, b"")  # a blank line still counts
+    text[31] = text[31].replace(b"[", b"[NaN,", 1)
+    path.write_bytes(b"\n".join(text))
+    with pytest.raises(DataFormatError, match=rf"^{path}:32: image_id 1030: feature contains NaN"):
+        read_feature_jsonl(path, "image_id")
+    text[31] = text[1]  # a duplicate id, found across ranges
+    path.write_bytes(b"\n".join(text))
+    with pytest.raises(DataFormatError, match=rf"^{path}:32: duplicate image_id '?1001"):
+        read_feature_jsonl(path, "image_id")

@@ -1,0 +1,80 @@
+"""Evaluation with extraction by 2 CPU processes (gloo, Lightning's predict loop under DDP) writes one
+feature store equal to the single-process one, and the same results."""
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_module
+
+from agree.evaluate import evaluate
+from agree.retrieval.features import load_features
+from tests.conftest import SMALL_SCENES
+
+REPO = Path(__file__).resolve().parents[1]
+STORE = ("images", "texts", "entity_prompts", "entity_masks", "entity_valid")
+
+WORKER = """
+import sys
+from hydra import compose, initialize_config_module
+from agree.evaluate import evaluate
+with initialize_config_module("agree.conf", version_base="1.3"):
+    evaluate(compose("evaluate", sys.argv[1:]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(scenes, out: Path, devices: int) -> list[str]:
+    synthetic = [f"data.synthetic.{k}={v}" for k, v in dataclasses.asdict(SMALL_SCENES).items()]
+    # batch 4: each process's share (10 of the 20 images, 50 of the 100 captions) ends in a short batch
+    return [
+        f"output_dir={out}",
+        f"data.root={scenes.root}",
+        *synthetic,
+        "rerank=egr",
+        "batch_size=4",
+        f"devices={devices}",
+    ]
+
+
+def test_two_processes_write_the_single_process_feature_store(scenes, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+        "NODE_RANK": "0",
+        "OMP_NUM_THREADS": "1",
+    }
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, *overrides(scenes, tmp_path / "ddp", 2)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for p in processes:
+        output, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, output[-3000:]
+    with initialize_config_module("agree.conf", version_base="1.3"):
+        single = evaluate(compose("evaluate", overrides(scenes, tmp_path / "single", 1)))
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text()) == single
+    for name in STORE:
+        ids, features = load_features(tmp_path / "ddp" / "features", name)
+        want_ids, want = load_features(tmp_path / "single" / "features", name)
+        assert ids == want_ids and features.shape == want.shape
+        np.testing.assert_allclose(features, want, rtol=1e-5, atol=1e-6, err_msg=name)
