@@ -4,8 +4,10 @@ import json
 import struct
 import sys
 import time
+from dataclasses import replace
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
@@ -228,3 +230,32 @@ def test_wandb_offline_run_logs_everything_and_the_examples_table(scenes, tmp_pa
         for im in shown:
             with Image.open(files[im["path"]]) as thumb:
                 assert thumb.size == (64, 64) and len(set(thumb.getdata())) > 10
+
+
+def test_search_reranking_and_generation_show_progress(tmp_path, monkeypatch):
+    """On a terminal, the long loops outside Lightning draw a bar each; under CI they draw nothing."""
+    from agree.data.synthetic import generate
+    from agree.retrieval.rerank import egr_image_to_text, egr_text_to_image, tbr
+    from agree.retrieval.search import topk_both
+
+    def run() -> str:
+        monkeypatch.setattr(sys, "stdout", Terminal())
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        g = torch.Generator().manual_seed(0)
+        texts, images = torch.randn(30, 8, generator=g), torch.randn(6, 8, generator=g)
+        prompts, masks = torch.randn(30, 3, 8, generator=g), torch.randn(30, 3, 8, generator=g)
+        valid = torch.ones(30, 3, dtype=torch.bool)
+        (_, t2i), (_, i2t) = topk_both(texts, images, 5)
+        tbr(t2i, i2t)
+        egr_text_to_image(texts, images, prompts, masks, valid, 5)
+        egr_image_to_text(images, texts, prompts, masks, valid, 5)
+        generate(tmp_path / f"scenes-{len(list(tmp_path.iterdir()))}", replace(SMALL_SCENES, train_images=4,
+                 val_images=2, test_images=2, vg_images_per_word=1))  # fmt: skip
+        return sys.stderr.text
+
+    monkeypatch.delenv("CI", raising=False)
+    shown = run()
+    for desc in ("search", "TBR", "EGR text->image", "EGR image->text", "scenes: train", "scenes: test"):
+        assert desc in shown, desc
+    monkeypatch.setenv("CI", "true")
+    assert run() == ""

@@ -25,6 +25,7 @@ from agree.data.formats import ReleaseLayout
 from agree.data.pixels import OPENAI_MEAN, OPENAI_STD, normalise
 from agree.folders import check_claim, claim
 from agree.io import write_json, write_jsonl, write_npz
+from agree.progress import progress
 
 COLORS = {
     "red": (220, 40, 40),
@@ -213,7 +214,7 @@ def generate(out_dir: str | Path, cfg: SceneConfig = SceneConfig()) -> ReleaseLa
     for split, count in splits.items():
         images: dict[str, np.ndarray] = {}
         train_rows, val_rows, text_rows, image_rows, seg_rows, object_rows = [], [], [], [], [], []
-        for index, scene in enumerate(_scenes(rng, cfg, count)):
+        for index, scene in enumerate(progress(_scenes(rng, cfg, count), f"scenes: {split}", count)):
             fid = _flickr_id(split, index)
             path = f"flickr30k-images/{fid}.jpg"
             pixels = render(scene, cfg.image_size, columns, noise_rng, cfg.noise)

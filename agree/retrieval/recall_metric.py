@@ -53,7 +53,9 @@ class RetrievalRecallMetric(Metric):
         self.text_ids.append(text_ids)
         self.text_image_ids.append(text_image_ids)
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> dict[str, torch.Tensor]:
+        """``t2i_r1`` ... ``i2t_mean_recall`` and ``rsum`` in percent, as float32 tensors (what
+        Lightning logs) on the metric's device."""
         cat = lambda x: torch.cat(x) if isinstance(x, list) else x  # noqa: E731
         image_ids, keep_images = _first_occurrence(cat(self.image_ids))
         _, keep_texts = _first_occurrence(cat(self.text_ids))
@@ -70,4 +72,7 @@ class RetrievalRecallMetric(Metric):
         for short, values in (("t2i", t2i), ("i2t", i2t)):
             results.update({f"{short}_{name}": value for name, value in values.items()})
         results["rsum"] = summarise(t2i, i2t)["rsum"]
-        return results
+        return {
+            name: torch.tensor(value, dtype=torch.float32, device=texts.device)
+            for name, value in results.items()
+        }

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from agree.progress import progress  # a bar on a terminal only
 from agree.retrieval.search import topk_similarity
 
 # TBR gathers [chunk, k, kb] backward entries: at most 4M elements (about 70 MB with the masks).
@@ -45,7 +46,7 @@ def tbr(forward: torch.Tensor, backward: torch.Tensor, *, absent_rank: int = 100
     padded = torch.iinfo(torch.int64).max
     chunk = max(1, _TBR_ELEMENTS // max(1, k * kb))
     out = []
-    for start in range(0, forward.shape[0], chunk):
+    for start in progress(range(0, forward.shape[0], chunk), "TBR"):
         lists = forward[start : start + chunk]
         query = torch.arange(start, start + lists.shape[0], device=device)[:, None]
         present = lists >= 0
@@ -161,7 +162,7 @@ def egr_text_to_image(
     images = images.float()
     chunk = max(1, _T2I_ELEMENTS // max(1, 2 * images.shape[0]))
     out = []
-    for start in range(0, texts.shape[0], chunk):
+    for start in progress(range(0, texts.shape[0], chunk), "EGR text->image"):
         stop = start + chunk
         chunk_valid = valid[start:stop]
         sums = torch.cat(
@@ -261,7 +262,7 @@ def egr_image_to_text(
     counts = valid.sum(dim=1).clamp(min=1)
     n_entities = valid.shape[1]
     out = []
-    for start in range(0, images.shape[0], _I2T_CHUNK):
+    for start in progress(range(0, images.shape[0], _I2T_CHUNK), "EGR image->text"):
         stop = start + _I2T_CHUNK
         raw, candidates = all_raw[start:stop], all_candidates[start:stop]
         queries = images[start:stop].float()

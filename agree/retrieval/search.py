@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from agree.progress import progress  # a bar on a terminal only
+
 _LOW_BITS = 32
 _LOW_MASK = (1 << _LOW_BITS) - 1
 _SIGN_FLIP = 0x7FFFFFFF
@@ -119,7 +121,7 @@ def _search_keys(
     empty = torch.iinfo(torch.int64).min
     forward = torch.full((queries.shape[0], k), empty, dtype=torch.int64, device=queries.device)
     backward = torch.full((gallery.shape[0], k_back), empty, dtype=torch.int64, device=queries.device)
-    for start in range(0, queries.shape[0], query_chunk):
+    for start in progress(range(0, queries.shape[0], query_chunk), "search"):
         chunk = queries[start : start + query_chunk].float()
         best = forward[start : start + query_chunk]
         for offset in range(0, gallery.shape[0], gallery_tile):
