@@ -50,8 +50,16 @@ def resolve_model(cfg: DictConfig) -> None:
                 model[key] = value
 
 
+def _resolved(data: DictConfig) -> DictConfig:
+    """``data``, with the model's image size and normalisation it interpolates filled in first."""
+    if any(data.get(key) is None for key in ("image_size", "mean", "std")):
+        resolve_model(data._get_root())  # OmegaConf's root: the whole config ``data`` belongs to
+    return data
+
+
 def data_layout(data: DictConfig) -> ReleaseLayout:
     """The release layout named by the ``data`` config group."""
+    data = _resolved(data)
     return ReleaseLayout(
         resolve_path(data.root),
         resolve_path(data.vg_root),
@@ -74,7 +82,7 @@ def scene_config(data: DictConfig) -> SceneConfig | None:
     """The synthetic dataset's parameters, or None for real data."""
     if not generated(data):
         return None
-    params = OmegaConf.to_container(data.synthetic, resolve=True)
+    params = OmegaConf.to_container(_resolved(data).synthetic, resolve=True)
     return SceneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
 
 

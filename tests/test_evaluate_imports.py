@@ -49,12 +49,24 @@ def test_feature_file_evaluation_imports_no_model_code(tmp_path: Path) -> None:
     entities = rng.standard_normal((2 * n_images, slots, dim)).astype(np.float32)
     for name in ("prompts", "masks"):
         write_feature_jsonl(tmp_path / f"f_{name}.jsonl", "query_id", query_ids, entities, valid)
+    write_jsonl(  # each query's entity count: the real slots of the feature files (features.mask_padding)
+        tmp_path / "segs.jsonl",
+        [
+            {
+                "query_id": i,
+                "query_text": f"caption {i}",
+                "items": [f"entity {j}" for j in range(valid[i].sum())],
+            }
+            for i in range(2 * n_images)
+        ],
+    )
     overrides = [
         f"output_dir={tmp_path / 'out'}",
         "rerank=egr_tbr",
         "rerank.k=5",
         f"annotations.images={tmp_path / 'images.jsonl'}",
         f"annotations.texts={tmp_path / 'texts.jsonl'}",
+        f"annotations.text_segs={tmp_path / 'segs.jsonl'}",
         f"features.image_jsonl={tmp_path / 'f_images.jsonl'}",
         f"features.text_jsonl={tmp_path / 'f_texts.jsonl'}",
         f"features.prompt_jsonl={tmp_path / 'f_prompts.jsonl'}",

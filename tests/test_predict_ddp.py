@@ -35,7 +35,11 @@ def free_port() -> int:
 
 
 def overrides(scenes, out: Path, devices: int) -> list[str]:
-    synthetic = [f"data.synthetic.{k}={v}" for k, v in dataclasses.asdict(SMALL_SCENES).items()]
+    synthetic = [  # mean and std: the model's, as the fixture's
+        f"data.synthetic.{k}={v}"
+        for k, v in dataclasses.asdict(SMALL_SCENES).items()
+        if k not in ("mean", "std")
+    ]
     # batch 4: each process's share (10 of the 20 images, 50 of the 100 captions) ends in a short batch
     return [
         f"output_dir={out}",

@@ -613,6 +613,8 @@ def test_paper_presets_print_the_release_values(method):
         "image_size": 224,
         "mean": None,
         "std": None,
+        "grad_checkpointing": False,
+        "compile": False,
     }  # mean and std: the openai tag's
     assert job["losses"] == dict(
         clip=0.9, prompt=0.03, text_mask=0.1, vg_contrast=0.03, vg_mask=0.15, ground_mask=0.1

@@ -121,13 +121,14 @@ def finished(tmp_path_factory):
 
 
 def test_a_second_fresh_run_into_the_same_folder_keeps_one_last_checkpoint(finished, tmp_path):
-    """Row 6: never a versioned duplicate (``last-v1.ckpt``) next to ``last.ckpt``."""
+    """Row 6: never a versioned duplicate (``last-v1.ckpt``, ``best-v1.ckpt``) next to ``last.ckpt``
+    and the best validation's ``best.ckpt``."""
     tmp, out = finished
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     again = tmp_path / "run"
     shutil.copytree(out, again)
     train(tiny_train(again, tmp / "scenes"))
-    assert sorted(p.name for p in (again / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in (again / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
 def test_resuming_a_finished_run_changes_nothing(finished):
