@@ -59,3 +59,9 @@ def loss_weights_preset(name: str) -> dict[str, float]:
     """The weights of a ``losses`` config group option (``clip``, ``agree``)."""
     path = Path(__file__).parent / "conf" / "losses" / f"{name}.yaml"
     return {key: float(value) for key, value in OmegaConf.load(path).items()}
+
+
+def merge_overrides(defaults: list[str], overrides: list[str]) -> list[str]:
+    """``key=value`` overrides: ``defaults`` with the keys that ``overrides`` also set replaced by theirs."""
+    given = {o.split("=", 1)[0] for o in overrides}
+    return [d for d in defaults if d.split("=", 1)[0] not in given] + list(overrides)
