@@ -1,0 +1,169 @@
+"""docs/results.md from the records of ``agree.study``: pure functions, no I/O."""
+
+from __future__ import annotations
+
+import statistics
+
+from agree.summary import DIRECTIONS, SHORT
+
+STAGE_NAMES = {"raw": "raw", "egr": "+EGR", "tbr": "+TBR", "egr_tbr": "+EGR+TBR"}
+COLUMNS = [(d, k) for d in DIRECTIONS for k in ("r1", "r5", "r10")]
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± sample std`` with one decimal."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1f} ± {std:.1f}"
+
+
+def _row(label: str, blocks: list[dict]) -> str:
+    cells = [mean_std([b[d][k] for b in blocks]) for d, k in COLUMNS]
+    return f"| {label} | " + " | ".join(cells) + f" | **{mean_std([b['rsum'] for b in blocks])}** |"
+
+
+def table(rows: list[tuple[str, list[dict]]]) -> str:
+    """Markdown table, one row per (label, stage blocks over seeds)."""
+    head = "| | " + " | ".join(f"{SHORT[d]} R@{k[1:]}" for d, k in COLUMNS) + " | RSUM |"
+    return "\n".join([head, "|---" * (len(COLUMNS) + 2) + "|", *(_row(label, b) for label, b in rows)])
+
+
+def _runs(records: list[dict], losses: str, lr: float, drop: str | None = None) -> list[dict]:
+    return sorted(
+        (r for r in records if r["losses"] == losses and r["lr"] == lr and r["drop"] == drop),
+        key=lambda r: r["seed"],
+    )
+
+
+def paired(a: list[dict], b: list[dict], stage: str) -> list[float]:
+    """Per seed RSUM of ``a`` minus that of ``b`` (both sorted by seed, same seeds)."""
+    assert [r["seed"] for r in a] == [r["seed"] for r in b], "paired runs need the same seeds"
+    return [x["test"][stage]["rsum"] - y["test"][stage]["rsum"] for x, y in zip(a, b, strict=True)]
+
+
+def verdict(diffs: list[float]) -> str:
+    """Whether a paired difference is clear of zero (mean beyond two standard errors)."""
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("inf")
+    if abs(mean) <= 2 * se:
+        return "within noise (|mean| ≤ 2 standard errors)"
+    return "clearly positive" if mean > 0 else "clearly negative"
+
+
+def _diff_line(label: str, diffs: list[float]) -> str:
+    per_seed = ", ".join(f"{d:+.1f}" for d in diffs)
+    return f"| {label} | {mean_std(diffs)} | {per_seed} | {verdict(diffs)} |"
+
+
+def loss_activity(agree_runs: list[dict], weights: dict[str, float]) -> str:
+    """Per loss of the full AGREE runs: weight, value at the first and last steps, weighted last value."""
+    lines = [
+        "| loss | weight | first step | last 5 steps | weight × last |",
+        "|---|---|---|---|---|",
+    ]
+    for name, weight in weights.items():
+        first = [r["train_losses"][name]["first"] for r in agree_runs]
+        last = [r["train_losses"][name]["last"] for r in agree_runs]
+        lines.append(
+            f"| {name} | {weight:g} | {mean_std3(first)} | {mean_std3(last)} | "
+            f"{mean_std3([weight * v for v in last])} |"
+        )
+    return "\n".join(lines)
+
+
+def mean_std3(values: list[float]) -> str:
+    """``mean ± sample std`` with three significant digits."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3g} ± {std:.2g}"
+
+
+def results_page(study: dict, meta: dict) -> str:
+    """The whole page: header, zero-shot, fine-tuning, paired differences, ablation, selection."""
+    zero = sorted(study["zero_shot"], key=lambda r: r["seed"])
+    tuned, ablation = study["fine_tuned"], study["ablation"]
+    lr = study["chosen_lr"]
+    clip, agree = _runs(tuned, "clip", lr["clip"]), _runs(tuned, "agree", lr["agree"])
+    seeds = [r["seed"] for r in zero]
+    egr_diffs = [r["test"]["egr"]["rsum"] - r["test"]["raw"]["rsum"] for r in zero]
+    lines = [
+        "# Results on the embedded scenes data",
+        "",
+        "Written by `agree.study` from its own outputs; do not edit by hand.",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- machine: {meta['machine']}",
+        f"- wall time: {meta['wall_seconds'] / 60:.1f} min for this invocation "
+        f"(fine-tuning runs: {sum(r['train_seconds'] for r in tuned + ablation) / 60:.1f} min in all)",
+        f"- seeds: {seeds} (each seeds both the generated scenes and the training); "
+        "mean ± sample standard deviation over seeds; recalls in %, test split",
+        "",
+        "## Zero-shot: the pretrained model, re-ranked (k = 20)",
+        "",
+        table([(f"zero-shot {STAGE_NAMES[s]}", [r["test"][s] for r in zero]) for s in STAGE_NAMES]),
+        "",
+        "## Fine-tuned at the same steps, each at its learning rate chosen on validation (TBR k = 10)",
+        "",
+        table(
+            [
+                (f"CLIP-only (lr {lr['clip']:g}) {STAGE_NAMES[s]}", [r["test"][s] for r in clip])
+                for s in ("raw", "tbr")
+            ]
+            + [
+                (f"AGREE (lr {lr['agree']:g}) {STAGE_NAMES[s]}", [r["test"][s] for r in agree])
+                for s in ("raw", "tbr")
+            ]
+        ),
+        "",
+        "## Paired differences (RSUM, per seed)",
+        "",
+        "| difference | mean ± std | per seed | reading |",
+        "|---|---|---|---|",
+        _diff_line("zero-shot: EGR − raw", egr_diffs),
+        _diff_line(
+            "zero-shot: TBR − raw", [r["test"]["tbr"]["rsum"] - r["test"]["raw"]["rsum"] for r in zero]
+        ),
+        _diff_line("fine-tuned: AGREE − CLIP-only (raw)", paired(agree, clip, "raw")),
+        _diff_line("fine-tuned: AGREE − CLIP-only (+TBR)", paired(agree, clip, "tbr")),
+        _diff_line(
+            "fine-tuned AGREE − zero-shot (raw)",
+            [a["test"]["raw"]["rsum"] - z["test"]["raw"]["rsum"] for a, z in zip(agree, zero, strict=True)],
+        ),
+        "",
+        f"## Ablation: AGREE without each loss (lr {lr['agree']:g}, raw search)",
+        "",
+        table(
+            [("full AGREE", [r["test"]["raw"] for r in agree])]
+            + [
+                (f"w/o {drop}", [r["test"]["raw"] for r in _runs(ablation, "agree", lr["agree"], drop)])
+                for drop in dict.fromkeys(r["drop"] for r in ablation)
+            ]
+        ),
+        "",
+        "| difference | mean ± std | per seed | reading |",
+        "|---|---|---|---|",
+        *(
+            _diff_line(
+                f"w/o {drop} − full AGREE", paired(_runs(ablation, "agree", lr["agree"], drop), agree, "raw")
+            )
+            for drop in dict.fromkeys(r["drop"] for r in ablation)
+        ),
+        "",
+        "## What each loss does during AGREE fine-tuning (training loss, unweighted, mean ± std over seeds)",
+        "",
+        "A margin loss at 0 has no active pair (every positive already beats its negative by the",
+        "margin) and so gives no gradient.",
+        "",
+        loss_activity(agree, study["loss_weights"]),
+        "",
+        "## Learning-rate selection (mean validation RSUM over seeds)",
+        "",
+        "| losses | lr | validation RSUM | chosen |",
+        "|---|---|---|---|",
+        *(
+            f"| {losses} | {rate:g} | {mean_std([r['val_rsum'] for r in _runs(tuned, losses, rate)])} | "
+            f"{'yes' if rate == lr[losses] else ''} |"
+            for losses in ("clip", "agree")
+            for rate in sorted({r["lr"] for r in tuned})
+        ),
+        "",
+    ]
+    return "\n".join(lines)
