@@ -36,7 +36,7 @@ from agree.summary import (
 )
 from agree.train import train
 
-SCENES = ["data.synthetic.train_images=400"]  # the demo's data, for every step (a user's key=value wins)
+SCENES = ["data.synthetic.train_images=200"]  # the demo's data, for every step (a user's key=value wins)
 EVAL_KEYS = ("model", "data", "seed")  # override keys that also apply to the evaluations
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -29,12 +31,13 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 from agree.config import loss_weights_preset, merge_overrides
 from agree.evaluate import evaluate
 from agree.io import atomic_path, write_json
 from agree.study_report import results_page
-from agree.summary import ZERO_SHOT_RUNS, zero_shot_stages
+from agree.summary import ZERO_SHOT_RUNS, chance_rsum, zero_shot_stages
 from agree.train import train
 
 LOSSES = ("clip", "prompt", "text_mask", "vg_contrast", "vg_mask", "ground_mask")
@@ -87,6 +90,7 @@ def fine_tune(out: Path, seed: int, losses: str, lr: float, drop: str | None, ov
     """Record of one fine-tuning run: its settings, validation RSUM, test results (raw, tbr)."""
 
     def make() -> dict:
+        shutil.rmtree(out / "train", ignore_errors=True)  # an interrupted run's last.ckpt would be reused
         data = [f"seed={seed}", f"data.synthetic.seed={seed}", *overrides]
         start = time.perf_counter()
         metrics, _ = train(
@@ -135,6 +139,7 @@ def choose_lr(records: list[dict], losses: str) -> float:
 def run_study(out: Path, seeds: list[int], lrs: list[float], drops: list[str], overrides: list[str]) -> dict:
     """Every run of the study (cached under ``out``); returns all records."""
     with initialize_config_module("agree.conf", version_base="1.3"):
+        scenes = compose("evaluate", overrides).data.synthetic
         zero = [zero_shot(out / f"seed{s}" / "zero_shot", s, overrides) for s in seeds]
         tuned = [
             fine_tune(out / f"seed{s}" / f"{losses}_lr{lr:g}", s, losses, lr, None, overrides)
@@ -161,13 +166,16 @@ def run_study(out: Path, seeds: list[int], lrs: list[float], drops: list[str], o
         "ablation": ablation,
         "chosen_lr": {"clip": choose_lr(tuned, "clip"), "agree": agree_lr},
         "loss_weights": loss_weights_preset("agree"),
+        "chance_rsum": chance_rsum(scenes.test_images, scenes.captions_per_image),
+        "scenes": OmegaConf.to_container(scenes, resolve=True),
     }
 
 
 def machine() -> str:
-    """A one-line description of this machine."""
+    """A one-line description of this machine, with its load (other jobs share it)."""
     return (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads, 15-min load average {os.getloadavg()[2]:.1f} at the end, "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}; "
         f"Python {platform.python_version()}, torch {torch.__version__}"
     )

@@ -76,6 +76,59 @@ def mean_std3(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3g} ± {std:.2g}"
 
 
+def reading(
+    study: dict, zero: list[dict], egr: list[float], agree_clip: list[float], agree: list[dict]
+) -> str:
+    """The page's reading: what the numbers say, and what the data offers each loss."""
+    zero_rsum = statistics.fmean(r["test"]["raw"]["rsum"] for r in zero)
+    quiet = [
+        name
+        for name in ("text_mask", "vg_mask", "ground_mask")
+        if name in study["loss_weights"]
+        and statistics.fmean(r["train_losses"][name]["last"] for r in agree) < 1e-3
+    ]
+    outcome = {
+        "clearly positive": "AGREE beats CLIP-only fine-tuning here.",
+        "clearly negative": "AGREE does **not** beat CLIP-only fine-tuning here: it is worse.",
+    }.get(
+        verdict(agree_clip),
+        "AGREE does **not** beat CLIP-only fine-tuning here: the difference is within noise.",
+    )
+    lines = [
+        f"- The pretrained model is far above chance zero-shot (raw RSUM {zero_rsum:.1f} against "
+        f"{study['chance_rsum']:.1f} for a random ranking), with R@1 held down by binding: each test "
+        "image has siblings with the same shapes and colours bound differently, which a bag of objects "
+        "cannot tell apart.",
+        f"- EGR zero-shot: {mean_std(egr)} RSUM, {verdict(egr)}.",
+        f"- After fine-tuning: AGREE − CLIP-only = {mean_std(agree_clip)} RSUM (raw), {verdict(agree_clip)}. "
+        + outcome,
+        "- What the data offers each loss: the entity losses contrast a caption with its entity-masked "
+        "copies (`text_mask`), an image with copies where one grounded object is blanked (`ground_mask`), "
+        "and Visual-Genome-style images of one shape with their shape word (`vg_contrast`, `vg_mask`; the "
+        "bank names shapes only, not colours). Each teaches that an entity is *present*, which the "
+        'pretrained model already knows; none contrasts a binding with its swap ("a red circle left of a '
+        'blue square" against "a blue circle left of a red square"), the errors left at R@1. The '
+        '`prompt` loss pulls an image towards "a photo containing a red circle", a phrase that also '
+        "fits its binding siblings.",
+    ]
+    if quiet:
+        lines.append(
+            f"- {', '.join(f'`{q}`' for q in quiet)} end fine-tuning at (almost) zero: with margin 0 every "
+            "positive already beats its masked negative, so these losses give (almost) no gradient at this "
+            "scale; a positive margin (`loss_options.margin`) would make them act."
+        )
+    return "\n".join(lines)
+
+
+def _ablated(weights: dict[str, float], ablation: list[dict]) -> str:
+    """Which losses the ablation covers, and which it left out."""
+    done = list(dict.fromkeys(r["drop"] for r in ablation))
+    missing = [name for name in weights if name not in done]
+    return f"Ablated: {', '.join(done) or 'none'}." + (
+        f" Not ablated in this run: {', '.join(missing)} (`--drop`)." if missing else ""
+    )
+
+
 def results_page(study: dict, meta: dict) -> str:
     """The whole page: header, zero-shot, fine-tuning, paired differences, ablation, selection."""
     zero = sorted(study["zero_shot"], key=lambda r: r["seed"])
@@ -83,6 +136,7 @@ def results_page(study: dict, meta: dict) -> str:
     lr = study["chosen_lr"]
     clip, agree = _runs(tuned, "clip", lr["clip"]), _runs(tuned, "agree", lr["agree"])
     seeds = [r["seed"] for r in zero]
+    sc = study["scenes"]
     egr_diffs = [r["test"]["egr"]["rsum"] - r["test"]["raw"]["rsum"] for r in zero]
     lines = [
         "# Results on the embedded scenes data",
@@ -93,8 +147,16 @@ def results_page(study: dict, meta: dict) -> str:
         f"- machine: {meta['machine']}",
         f"- wall time: {meta['wall_seconds'] / 60:.1f} min for this invocation "
         f"(fine-tuning runs: {sum(r['train_seconds'] for r in tuned + ablation) / 60:.1f} min in all)",
+        f"- data: the embedded scenes, {sc['train_images']} train / {sc['val_images']} val / "
+        f"{sc['test_images']} test images, {sc['captions_per_image']} captions each, "
+        f"{sc['binding_variants']} binding variants per group; model: the tiny model "
+        "pretrained on the alt-text corpus (`model=scenes_pretrained`), fine-tuned one epoch, batch 32",
         f"- seeds: {seeds} (each seeds both the generated scenes and the training); "
         "mean ± sample standard deviation over seeds; recalls in %, test split",
+        "",
+        "## Reading",
+        "",
+        reading(study, zero, egr_diffs, paired(agree, clip, "raw"), agree),
         "",
         "## Zero-shot: the pretrained model, re-ranked (k = 20)",
         "",
@@ -129,6 +191,8 @@ def results_page(study: dict, meta: dict) -> str:
         ),
         "",
         f"## Ablation: AGREE without each loss (lr {lr['agree']:g}, raw search)",
+        "",
+        _ablated(study["loss_weights"], ablation),
         "",
         table(
             [("full AGREE", [r["test"]["raw"] for r in agree])]
