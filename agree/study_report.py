@@ -57,15 +57,15 @@ def _diff_line(label: str, diffs: list[float]) -> str:
 def loss_activity(agree_runs: list[dict], weights: dict[str, float]) -> str:
     """Per loss of the full AGREE runs: weight, value at the first and last steps, weighted last value."""
     lines = [
-        "| loss | weight | first step | last 5 steps | weight × last |",
-        "|---|---|---|---|---|",
+        "| loss | weight | first step | last 5 steps | weight × first | weight × last |",
+        "|---|---|---|---|---|---|",
     ]
     for name, weight in weights.items():
         first = [r["train_losses"][name]["first"] for r in agree_runs]
         last = [r["train_losses"][name]["last"] for r in agree_runs]
         lines.append(
             f"| {name} | {weight:g} | {mean_std3(first)} | {mean_std3(last)} | "
-            f"{mean_std3([weight * v for v in last])} |"
+            f"{mean_std3([weight * v for v in first])} | {mean_std3([weight * v for v in last])} |"
         )
     return "\n".join(lines)
 
@@ -111,6 +111,18 @@ def reading(
         '`prompt` loss pulls an image towards "a photo containing a red circle", a phrase that also '
         "fits its binding siblings.",
     ]
+    start = {
+        name: weight * statistics.fmean(r["train_losses"][name]["first"] for r in agree)
+        for name, weight in study["loss_weights"].items()
+    }
+    loudest = max(start, key=start.get)
+    if loudest != "clip":
+        lines.append(
+            f"- Scale: at the first step the largest weighted term is `{loudest}` "
+            f"({start[loudest]:.3g}, against {start['clip']:.3g} for `clip`), so early fine-tuning follows "
+            "it more than the retrieval loss; the reference weights were set for batches of 32 captions of "
+            "Flickr30k and a ViT-L/14, not for this model and data."
+        )
     if quiet:
         lines.append(
             f"- {', '.join(f'`{q}`' for q in quiet)} end fine-tuning at (almost) zero: with margin 0 every "
@@ -214,7 +226,8 @@ def results_page(study: dict, meta: dict) -> str:
         "## What each loss does during AGREE fine-tuning (training loss, unweighted, mean ± std over seeds)",
         "",
         "A margin loss at 0 has no active pair (every positive already beats its negative by the",
-        "margin) and so gives no gradient.",
+        "margin) and so gives no gradient. The margin losses are summed over the batch (as the",
+        "reference), the InfoNCE losses averaged: compare the weighted columns.",
         "",
         loss_activity(agree, study["loss_weights"]),
         "",

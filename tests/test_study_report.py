@@ -99,8 +99,8 @@ def test_page_holds_every_row_with_mean_and_std():
     assert "| fine-tuned: AGREE − CLIP-only (raw) | 6.0 ± 1.0 | +5.0, +6.0, +7.0 | clearly positive |" in page
     assert "| zero-shot: EGR − raw | 3.0 ± 1.0 |" in page
     assert "`python -m agree.study`" in page
-    assert "| text_mask | 0.1 | 0 ± 0 | 0 ± 0 | 0 ± 0 |" in page
-    assert "| clip | 0.9 | 3 ± 0 | 2 ± 0 | 1.8 ± 0 |" in page
+    assert "| text_mask | 0.1 | 0 ± 0 | 0 ± 0 | 0 ± 0 | 0 ± 0 |" in page
+    assert "| clip | 0.9 | 3 ± 0 | 2 ± 0 | 2.7 ± 0 | 1.8 ± 0 |" in page
     assert "AGREE beats CLIP-only fine-tuning here." in page
     assert "`text_mask` end fine-tuning at (almost) zero" in page
     assert "raw RSUM 70.0 against 30.0 for a random ranking" in page
