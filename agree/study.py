@@ -181,6 +181,13 @@ def machine() -> str:
     )
 
 
+def write_page(doc: Path, records: dict, meta: dict) -> None:
+    """Write the results page atomically."""
+    with atomic_path(doc) as tmp:
+        tmp.write_text(results_page(records, meta))
+    print(f"wrote {doc}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/study"))
@@ -188,18 +195,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4])
     parser.add_argument("--drop", nargs="*", default=list(LOSSES), choices=LOSSES, help="losses to ablate")
+    parser.add_argument(
+        "--render-only", action="store_true", help="rewrite --doc from --out/study.json, running nothing"
+    )
     argv = sys.argv[1:] if argv is None else argv
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_args([a for a in argv if a not in overrides])
     overrides = merge_overrides(SCENES, overrides)
+    if args.render_only:
+        saved = json.loads((args.out / "study.json").read_text())
+        write_page(args.doc, saved, saved.pop("meta"))
+        return
     command = "python -m agree.study " + " ".join(argv)
     start = time.perf_counter()
     records = run_study(args.out.resolve(), args.seeds, args.lrs, args.drop, overrides)
     meta = {"command": command.strip(), "machine": machine(), "wall_seconds": time.perf_counter() - start}
     write_json(args.out / "study.json", {**records, "meta": meta})
-    with atomic_path(args.doc) as tmp:
-        tmp.write_text(results_page(records, meta))
-    print(f"wrote {args.doc} ({meta['wall_seconds'] / 60:.1f} min)")
+    write_page(args.doc, records, meta)
+    print(f"study finished in {meta['wall_seconds'] / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ def results_page(study: dict, meta: dict) -> str:
         "",
         f"- command: `{meta['command']}`",
         f"- machine: {meta['machine']}",
-        f"- wall time: {meta['wall_seconds'] / 60:.1f} min for this invocation "
+        f"- wall time: {meta['wall_seconds'] / 60:.1f} min for this invocation (runs already done under "
+        "`--out` are reused) "
         f"(fine-tuning runs: {sum(r['train_seconds'] for r in tuned + ablation) / 60:.1f} min in all)",
         f"- data: the embedded scenes, {sc['train_images']} train / {sc['val_images']} val / "
         f"{sc['test_images']} test images, {sc['captions_per_image']} captions each, "
