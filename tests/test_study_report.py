@@ -1,5 +1,6 @@
 """The study page and the demo table: computed from records, paired per seed, chance exact."""
 
+import json
 import math
 import random
 
@@ -143,3 +144,13 @@ def test_demo_problems_name_what_failed():
     assert "not above zero-shot" in demo_problems(worse, chance=5.0)[0]
     assert set(rows[0]) == {"model", "losses", "stage", "text_to_image", "image_to_text", "rsum"}
     assert set(rows[0]["text_to_image"]) == {"r1", "r5", "r10", "mean_recall"}
+
+
+def test_render_only_rewrites_the_page_from_saved_records(tmp_path):
+    from agree.study import main
+
+    meta = {"command": "python -m agree.study --seeds 0 1 2", "machine": "test", "wall_seconds": 600}
+    (tmp_path / "study.json").write_text(json.dumps({**study(), "meta": meta}))
+    main(["--out", str(tmp_path), "--doc", str(tmp_path / "results.md"), "--render-only"])
+    page = (tmp_path / "results.md").read_text()
+    assert "`python -m agree.study --seeds 0 1 2`" in page and "10.0 min for this invocation" in page
