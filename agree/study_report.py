@@ -45,7 +45,7 @@ def verdict(diffs: list[float]) -> str:
     mean = statistics.fmean(diffs)
     se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("inf")
     if abs(mean) <= 2 * se:
-        return "within noise (|mean| ≤ 2 standard errors)"
+        return "within noise (mean within 2 standard errors of 0)"
     return "clearly positive" if mean > 0 else "clearly negative"
 
 
@@ -123,11 +123,19 @@ def reading(
             "it more than the retrieval loss; the reference weights were set for batches of 32 captions of "
             "Flickr30k and a ViT-L/14, not for this model and data."
         )
+    for drop in dict.fromkeys(r["drop"] for r in study["ablation"]):
+        diffs = paired(_runs(study["ablation"], "agree", study["chosen_lr"]["agree"], drop), agree, "raw")
+        if not verdict(diffs).startswith("within"):
+            effect = "helps" if verdict(diffs) == "clearly positive" else "hurts"
+            lines.append(
+                f"- Ablation: removing `{drop}` {effect} ({mean_std(diffs)} RSUM against full AGREE)."
+            )
     if quiet:
         lines.append(
-            f"- {', '.join(f'`{q}`' for q in quiet)} end fine-tuning at (almost) zero: with margin 0 every "
-            "positive already beats its masked negative, so these losses give (almost) no gradient at this "
-            "scale; a positive margin (`loss_options.margin`) would make them act."
+            "- At the end of fine-tuning these margin losses are (almost) zero: "
+            f"{', '.join(f'`{q}`' for q in quiet)}; "
+            "with margin 0 every positive already beats its masked negative, so they give (almost) no "
+            "gradient at this scale; a positive margin (`loss_options.margin`) would make them act."
         )
     return "\n".join(lines)
 

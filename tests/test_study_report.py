@@ -83,6 +83,7 @@ def test_verdict_separates_signal_from_noise():
     assert verdict([5.0, 6.0, 7.0]) == "clearly positive"
     assert verdict([-5.0, -6.0, -7.0]) == "clearly negative"
     assert verdict([-3.0, 4.0, 0.5]).startswith("within noise")
+    assert "|" not in verdict([-3.0, 4.0, 0.5])
 
 
 def test_page_holds_every_row_with_mean_and_std():
@@ -103,7 +104,8 @@ def test_page_holds_every_row_with_mean_and_std():
     assert "| text_mask | 0.1 | 0 ± 0 | 0 ± 0 | 0 ± 0 | 0 ± 0 |" in page
     assert "| clip | 0.9 | 3 ± 0 | 2 ± 0 | 2.7 ± 0 | 1.8 ± 0 |" in page
     assert "AGREE beats CLIP-only fine-tuning here." in page
-    assert "`text_mask` end fine-tuning at (almost) zero" in page
+    assert "these margin losses are (almost) zero: `text_mask`" in page
+    assert "- Ablation: removing `prompt` hurts (-9.0 ± 1.0 RSUM against full AGREE)." in page
     assert "raw RSUM 70.0 against 30.0 for a random ranking" in page
     assert "Ablated: prompt. Not ablated in this run: clip, text_mask (`--drop`)." in page
 
