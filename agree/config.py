@@ -127,3 +127,9 @@ def allow_tf32(enabled: bool) -> None:
     if enabled and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def merge_overrides(defaults: list[str], overrides: list[str]) -> list[str]:
+    """``key=value`` overrides: ``defaults`` with the keys that ``overrides`` also set replaced by theirs."""
+    given = {o.split("=", 1)[0] for o in overrides}
+    return [d for d in defaults if d.split("=", 1)[0] not in given] + list(overrides)

@@ -1,4 +1,4 @@
-"""Entry points as users launch them: experiments compose, DDP launch, W&B offline, ablation table."""
+"""Entry points as users launch them: experiments compose, DDP launch, W&B offline."""
 
 import json
 import os
@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from hydra import compose, initialize_config_module
 
 import agree
@@ -21,7 +20,6 @@ SMALL = [
     "data.synthetic.vg_images_per_word=1",
     "trainer.enable_progress_bar=false",
 ]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def config(name, *overrides):
@@ -103,18 +101,3 @@ def test_wandb_logger_offline_without_key(tmp_path, monkeypatch):
         wandb.finish()
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].glob("*.wandb"))
-
-
-def test_ablation_table(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import ablation_table
-
-    for number, dropped in enumerate(["prompt", "none"]):
-        job = tmp_path / f"{number}_drop_{dropped}"
-        (job / ".hydra").mkdir(parents=True)
-        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"drop_loss": dropped}))
-        metrics = {f"val/{c}": float(number + 1) for c in ablation_table.COLUMNS}
-        (job / "metrics.json").write_text(json.dumps(metrics))
-    text = ablation_table.table(ablation_table.rows(tmp_path))
-    lines = text.splitlines()
-    assert lines[2].startswith("| full AGREE | 2.0") and lines[3].startswith("| w/o prompt | 1.0")

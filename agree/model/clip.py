@@ -12,9 +12,19 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 open_clip.add_model_config(Path(__file__).parent / "configs")  # the tiny CPU config ("agree-tiny")
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def embedded_weights(name: str) -> str:
+    """Path of a weights file shipped with the package; configs write ``${agree_weights:NAME}``."""
+    return str(WEIGHTS_DIR / f"{name}.safetensors")
+
+
+OmegaConf.register_new_resolver("agree_weights", embedded_weights, replace=True)
 
 CHECKPOINT_KEY = "agree_model_name"
 
