@@ -217,6 +217,11 @@ def check_evaluate_config(cfg: DictConfig) -> None:
             require_file(
                 resolve_path(annotations[key]), f"annotations.{key}", annotations[key], "fix the path"
             )
+    if cfg.get("ckpt_required") and not cfg.ckpt_path and not from_files:
+        raise ConfigError(
+            "ckpt_path is not set, and this preset evaluates a fine-tuned model: "
+            "give ckpt_path=<run dir>/checkpoints/last.ckpt"
+        )
     if from_files and annotations.images and annotations.texts:
         return  # no model, no data folder
     resolve_model(cfg)

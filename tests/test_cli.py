@@ -27,7 +27,8 @@ def config(name, *overrides):
         return compose(name, list(overrides))
 
 
-EVALUATE_EXPERIMENTS = {"flickr30k_zeroshot"}  # presets of agree.evaluate; the others are agree.train's
+# presets of agree.evaluate; the others are agree.train's
+EVALUATE_EXPERIMENTS = {"flickr30k_zeroshot", "flickr30k_finetuned", "scenes_zeroshot", "scenes_finetuned"}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -101,3 +102,29 @@ def test_wandb_logger_offline_without_key(tmp_path, monkeypatch):
         wandb.finish()
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].glob("*.wandb"))
+
+
+def test_evaluation_presets_state_the_papers_settings(tmp_path):
+    zero_shot = config("evaluate", "+experiment=scenes_zeroshot", "output_dir=x")
+    assert zero_shot.model.pretrained.endswith("scenes_pretrained.safetensors")
+    assert list(zero_shot.rerank.stages) == ["egr", "tbr"] and zero_shot.rerank.k == 20
+    tuned = config("evaluate", "+experiment=scenes_finetuned", "output_dir=x", "ckpt_path=run/last.ckpt")
+    assert list(tuned.rerank.stages) == ["tbr"] and tuned.rerank.k == 10
+    release = config("evaluate", "+experiment=flickr30k_finetuned", "output_dir=x", "ckpt_path=c.ckpt")
+    assert release.model.name == "ViT-L-14-quickgelu" and release.rerank.k == 10
+
+
+def test_a_fine_tuned_preset_without_its_checkpoint_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    command = [
+        sys.executable,
+        "-m",
+        "agree.evaluate",
+        "+experiment=scenes_finetuned",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("config error: ckpt_path is not set") and "last.ckpt" in line
+    assert not (tmp_path / "results.json").exists()
