@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from hydra import compose, initialize_config_module
 from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import OmegaConf
 
@@ -32,19 +31,9 @@ from agree.model.clip import create_clip, encode_image, encode_text, get_tokeniz
 from agree.model.module import agree_losses
 from agree.train import train
 
+from .test_cli import SMALL, config
+
 METHODS = ("agree", "reference")
-SMALL = [
-    "data.synthetic.train_images=20",
-    "data.synthetic.val_images=8",
-    "data.synthetic.test_images=8",
-    "data.synthetic.vg_images_per_word=1",
-    "trainer.enable_progress_bar=false",
-]
-
-
-def config(name, *overrides):
-    with initialize_config_module("agree.conf", version_base="1.3"):
-        return compose(name, list(overrides))
 
 
 def train_config(method, *overrides):
