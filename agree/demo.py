@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
+from agree.cli import user_errors
 from agree.config import merge_overrides
 from agree.evaluate import evaluate
 from agree.folders import claim
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(args[0] if args and "=" not in args[0] else "outputs/demo").resolve()
     overrides = [a for a in args if "=" in a]
     start = time.perf_counter()
-    rows, chance = run(out_dir, overrides)
+    with user_errors():  # a refused folder, a bad override: one line
+        rows, chance = run(out_dir, overrides)
     write_json(out_dir / "summary.json", rows)
     print(format_summary(rows))
     report = write_report(out_dir / "fine_tuned")

@@ -298,3 +298,20 @@ def test_huge_images_are_refused_before_decoding(tmp_path, side):
     path = png_of_size(tmp_path / "bomb.png", side, side)
     with pytest.raises(DataFormatError, match=f"{path}: .*(exceeds limit|more than the limit)"):
         load_image(path)
+
+
+def test_the_demo_and_generator_commands_refuse_in_one_line(tmp_path, monkeypatch):
+    """``python -m agree.demo DIR`` and ``python -m agree.data.synthetic DIR`` on a user's folder: one
+    line (no traceback), nothing changed."""
+    from agree.data import synthetic
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    (tmp_path / "DIR").mkdir()
+    (tmp_path / "DIR" / "notes.txt").write_text("mine")
+    before = files(tmp_path / "DIR")
+    for command in (demo.main, synthetic.main):
+        with pytest.raises(SystemExit) as stop:
+            command([str(tmp_path / "DIR")])
+        message = str(stop.value)
+        assert message.startswith("error: ") and "\n" not in message and "not made by agree" in message
+    assert files(tmp_path / "DIR") == before

@@ -312,7 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{field.name.replace('_', '-')}", default=field.default, **kind)
     args = vars(parser.parse_args(argv))
     out_dir = args.pop("out_dir")
-    generate(out_dir, SceneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}))
+    from agree.cli import user_errors  # here: agree.cli imports the checks, which import this module
+
+    with user_errors():
+        generate(out_dir, SceneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}))
     print(f"wrote the scenes dataset to {out_dir}", file=sys.stderr)
 
 
