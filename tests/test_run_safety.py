@@ -94,7 +94,7 @@ def test_kill_in_the_last_epoch_resumes_from_the_previous_epoch_end(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]  # the killed run's lock did not outlive it
     assert step_of(run_dir / "checkpoints" / "last.ckpt") == 3 * STEPS_PER_EPOCH
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
 def tiny_train(out: Path, data_root: Path, *extra: str):
