@@ -33,8 +33,10 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from agree.cli import user_errors
 from agree.config import loss_weights_preset, merge_overrides
 from agree.evaluate import evaluate
+from agree.folders import claim
 from agree.io import atomic_path, write_json
 from agree.study_report import results_page
 from agree.summary import ZERO_SHOT_RUNS, chance_rsum, zero_shot_stages
@@ -208,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     command = "python -m agree.study " + " ".join(argv)
     start = time.perf_counter()
-    records = run_study(args.out.resolve(), args.seeds, args.lrs, args.drop, overrides)
+    with user_errors():  # e.g. --out naming a user's folder: its run folders are cleared on a rerun
+        claim(args.out, "study")
+        records = run_study(args.out.resolve(), args.seeds, args.lrs, args.drop, overrides)
     meta = {"command": command.strip(), "machine": machine(), "wall_seconds": time.perf_counter() - start}
     write_json(args.out / "study.json", {**records, "meta": meta})
     write_page(args.doc, records, meta)

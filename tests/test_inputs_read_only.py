@@ -315,3 +315,16 @@ def test_the_demo_and_generator_commands_refuse_in_one_line(tmp_path, monkeypatc
         message = str(stop.value)
         assert message.startswith("error: ") and "\n" not in message and "not made by agree" in message
     assert files(tmp_path / "DIR") == before
+
+
+def test_the_study_works_only_in_its_own_folder(tmp_path, monkeypatch):
+    """``agree.study --out DIR`` clears its run folders on a rerun, so a user's DIR is refused first."""
+    from agree import study
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    (tmp_path / "DIR" / "seed0").mkdir(parents=True)
+    (tmp_path / "DIR" / "seed0" / "results.csv").write_text("mine")
+    before = files(tmp_path / "DIR")
+    with pytest.raises(SystemExit, match="^error: .*not made by agree study"):
+        study.main(["--out", str(tmp_path / "DIR"), "--doc", str(tmp_path / "page.md"), "--seeds", "0"])
+    assert files(tmp_path / "DIR") == before and not (tmp_path / "page.md").exists()
