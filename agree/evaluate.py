@@ -40,6 +40,7 @@ from agree.data.formats import (
     read_test_texts,
     read_text_segs,
 )
+from agree.folders import check_entries, claim_entries
 from agree.io import replace_as_set, staging_dir, write_json, write_jsonl
 from agree.retrieval.features import extract, save_features
 from agree.retrieval.metrics import positives_from_pairs, recall_at_k, summarise
@@ -346,6 +347,7 @@ def load_test_set(cfg: DictConfig) -> TestSet:
 def evaluate(cfg: DictConfig) -> dict:
     """Extract (or read) features, rank and re-rank both directions, score, write every output."""
     target = Path(cfg.output_dir)
+    check_entries(target, "evaluate", OUTPUTS)  # before any work: never replace a user's features/ ...
     data = load_test_set(cfg)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
         return {}  # extraction over several processes: the first one ranks and writes
@@ -372,6 +374,7 @@ def evaluate(cfg: DictConfig) -> dict:
         for stage, ranked in lists.items()
     }
 
+    claim_entries(target, "evaluate", OUTPUTS)
     out = staging_dir(target, "evaluate")  # the outputs replace an earlier evaluation's as a set
     query_ids = [t.query_id for t in data.texts]
     image_ids = [im.image_id for im in data.images]

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,35 @@ def claim(folder: str | os.PathLike, owner: str, params: dict[str, Any] | None =
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / MARKER, {"owner": owner, "params": params or {}})
     return folder
+
+
+def check_entries(folder: str | os.PathLike, owner: str, names: Iterable[str]) -> bool:
+    """Whether ``owner`` may replace the entries ``names`` of ``folder`` (True: already marked as its).
+
+    Unlike ``check_claim`` the folder may hold anything else (Hydra's ``.hydra/``, logs, a user's
+    files); only an entry of ``names`` that ``owner`` did not write (no marker, or another owner's
+    folder) is refused, with :class:`FolderNotOwnedError`. Writes nothing.
+    """
+    folder = Path(folder)
+    found = _marker(folder)
+    if found is not None and found.get("owner") == owner:
+        return True
+    taken = [name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
+    if found is not None or taken:
+        what = (
+            f"{taken[0]}, not written by agree {owner}"
+            if taken
+            else f"a marker of agree {found.get('owner')}"
+        )
+        raise FolderNotOwnedError(f"{folder}: holds {what}; refusing to replace it: choose another folder")
+    return False
+
+
+def claim_entries(folder: str | os.PathLike, owner: str, names: Iterable[str]) -> None:
+    """Mark ``folder`` as the place of ``owner``'s entries ``names`` (see ``check_entries``)."""
+    if not check_entries(folder, owner, names):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        write_json(Path(folder) / MARKER, {"owner": owner, "params": {}})
 
 
 def remove_owned(folder: str | os.PathLike) -> bool:

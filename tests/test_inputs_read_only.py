@@ -26,6 +26,7 @@ from agree.prepare.images import load_image
 from agree.train import train
 
 from .test_prepare_steps import flickr_raw
+from .test_progress_and_wandb import SCENES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -328,3 +329,24 @@ def test_the_study_works_only_in_its_own_folder(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="^error: .*not made by agree study"):
         study.main(["--out", str(tmp_path / "DIR"), "--doc", str(tmp_path / "page.md"), "--seeds", "0"])
     assert files(tmp_path / "DIR") == before and not (tmp_path / "page.md").exists()
+
+
+def test_an_evaluation_never_replaces_a_users_entries(scenes, tmp_path):
+    """``output_dir`` naming a folder with the user's ``features/``: refused before any work, unchanged;
+    Hydra's files or other files of the user beside the outputs are fine, and a rerun replaces its set."""
+    user = tmp_path / "mine"
+    (user / "features").mkdir(parents=True)
+    (user / "features" / "thesis.npy").write_bytes(b"years of work")
+    before = files(user)
+    overrides = [f"data.root={scenes.root}", *SCENES]
+    with initialize_config_module("agree.conf", version_base="1.3"):
+        cfg = compose("evaluate", [f"output_dir={user}", *overrides])
+        with pytest.raises(FolderNotOwnedError, match="holds features, not written by agree evaluate"):
+            evaluate(cfg)
+        assert files(user) == before
+        shared = tmp_path / "shared"
+        (shared / ".hydra").mkdir(parents=True)
+        (shared / "notes.txt").write_text("mine")
+        for _ in range(2):  # the second run replaces the first one's set
+            evaluate(compose("evaluate", [f"output_dir={shared}", *overrides]))
+    assert (shared / "notes.txt").read_text() == "mine" and (shared / "results.json").is_file()
