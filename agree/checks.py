@@ -14,13 +14,10 @@ from agree.config import data_layout, generated, resolve_model, resolve_path, sc
 from agree.data.datasets import FALLBACK_MASKS, LOSS_INPUTS
 from agree.data.formats import ReleaseLayout
 from agree.data.synthetic import OWNER
+from agree.errors import ConfigError
 from agree.folders import check_claim
 
 WEIGHT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
-
-
-class ConfigError(ValueError):
-    """The configuration cannot work; the message names the key and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from agree.checks import ConfigError, check_data_root, check_evaluate_config
+from agree.checks import check_data_root, check_evaluate_config
 from agree.cli import user_errors
 from agree.config import ensure_data, resolve_device, resolve_path
 from agree.data.formats import (
-    DataFormatError,
     NpzImages,
     ReleaseLayout,
     TestImage,
@@ -40,6 +39,7 @@ from agree.data.formats import (
     read_test_texts,
     read_text_segs,
 )
+from agree.errors import ConfigError, DataFormatError
 from agree.folders import check_entries, claim_entries
 from agree.io import replace_as_set, staging_dir, write_json, write_jsonl
 from agree.retrieval.features import extract, save_features

@@ -18,13 +18,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from agree.errors import FolderNotOwnedError
 from agree.io import write_json
 
 MARKER = ".agree-folder.json"
-
-
-class FolderNotOwnedError(ValueError):
-    """A folder the project did not make, or made with other settings; the message is one line."""
 
 
 def _marker(folder: Path) -> dict | None:

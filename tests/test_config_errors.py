@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from agree.checks import ConfigError
+from agree.errors import ConfigError
 from agree.evaluate import evaluate
 from agree.train import train
 

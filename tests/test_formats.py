@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from agree.data import formats
-from agree.data.formats import DataFormatError, NpzImages
+from agree.data.formats import NpzImages
+from agree.errors import DataFormatError
 from agree.io import write_npz
 
 SPEC_TRAIN_LINE = (

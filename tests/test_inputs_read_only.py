@@ -15,11 +15,11 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 
 from agree import demo
-from agree.data.formats import DataFormatError, read_feature_jsonl
+from agree.data.formats import read_feature_jsonl
 from agree.data.synthetic import OWNER, SceneConfig, ensure_generated
+from agree.errors import ConfigError, DataFormatError, FolderNotOwnedError
 from agree.evaluate import evaluate
-from agree.folders import MARKER, FolderNotOwnedError, claim
-from agree.prepare import ConfigError
+from agree.folders import MARKER, claim
 from agree.prepare import karpathy as karpathy_step
 from agree.prepare.__main__ import main as prepare
 from agree.prepare.images import load_image

@@ -4,12 +4,8 @@ import numpy as np
 import pytest
 
 from agree.data import lines
-from agree.data.formats import (
-    DataFormatError,
-    read_entity_feature_jsonl,
-    read_feature_jsonl,
-    write_feature_jsonl,
-)
+from agree.data.formats import read_entity_feature_jsonl, read_feature_jsonl, write_feature_jsonl
+from agree.errors import DataFormatError
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 
 from agree.data import formats
 from agree.data.datasets import mask_entity
-from agree.prepare import ConfigError
+from agree.errors import ConfigError, DataFormatError
 from agree.prepare.__main__ import main
 
 from .conftest import SHARED_DATA
@@ -104,7 +104,7 @@ def test_train_file_in_place_and_test_texts_to_segs_file(tmp_path):
 def test_bad_input_is_named(tmp_path, content, fragment):
     path = tmp_path / "in.jsonl"
     path.write_text(content)
-    with pytest.raises(formats.DataFormatError, match=re.escape("in.jsonl" + fragment)):
+    with pytest.raises(DataFormatError, match=re.escape("in.jsonl" + fragment)):
         entities.run(entities.Config(input=str(path)))
 
 

@@ -13,11 +13,11 @@ from hydra import compose, initialize_config_module
 
 from agree.data import formats
 from agree.data.datasets import grounded_label, mask_entity
-from agree.data.formats import NO_GROUNDING_LABEL, DataFormatError, NpzImages
+from agree.data.formats import NO_GROUNDING_LABEL, NpzImages
 from agree.data.pixels import CLIP_MEAN, CLIP_STD
+from agree.errors import ConfigError, DataFormatError
 from agree.evaluate import evaluate
 from agree.io import write_jsonl
-from agree.prepare import ConfigError
 from agree.prepare.__main__ import main
 from agree.train import train
 

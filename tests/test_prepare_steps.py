@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from agree.data import formats
-from agree.data.formats import DataFormatError, NpzImages
+from agree.data.formats import NpzImages
 from agree.data.pixels import CLIP_MEAN, CLIP_STD
+from agree.errors import ConfigError, DataFormatError
 from agree.io import write_jsonl
-from agree.prepare import ConfigError
 from agree.prepare import karpathy as karpathy_step
 from agree.prepare import visual_genome as vg_step
 from agree.prepare.__main__ import main, parse

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agree.data import formats
-from agree.data.formats import DataFormatError, NpzImages, canonical_id
+from agree.data.formats import NpzImages, canonical_id
+from agree.errors import DataFormatError
 from agree.io import write_jsonl, write_npz
 
 EXAMPLES = {"bytes": 120, "json": 120, "valid": 100, "damaged": 200}

@@ -21,11 +21,12 @@ import yaml
 from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import OmegaConf
 
-from agree.checks import ConfigError, device_batch_size
+from agree.checks import device_batch_size
 from agree.config import resolve_precision
 from agree.data.datasets import CollateTrain, random_square
 from agree.data.formats import read_test_images, read_test_texts, read_text_segs
 from agree.data.pixels import black
+from agree.errors import ConfigError
 from agree.evaluate import entity_texts, evaluate, model_features
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
 from agree.model.module import agree_losses

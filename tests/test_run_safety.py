@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from agree import io
-from agree.checks import ConfigError
+from agree.errors import ConfigError
 from agree.evaluate import evaluate
 from agree.io import replace_as_set, staging_dir
 from agree.report import write_report

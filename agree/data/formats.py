@@ -24,14 +24,11 @@ import orjson
 
 from agree.data.lines import parsed_lines
 from agree.data.pixels import OPENAI_MEAN, OPENAI_STD
+from agree.errors import DataFormatError, one_line
 from agree.io import atomic_path
 
 PROMPT_TEMPLATE = "a photo containing {entity}"
 NO_GROUNDING_LABEL = "object"
-
-
-class DataFormatError(ValueError):
-    """A data file is malformed; the message is one line: ``file[:line]: what is wrong``."""
 
 
 def canonical_id(value: Any) -> str:
@@ -69,11 +66,6 @@ def valid_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message with its whitespace (newlines included) collapsed."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------

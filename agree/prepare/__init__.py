@@ -5,7 +5,3 @@ Steps (one module each): ``karpathy`` (annotations and npz images from a Karpath
 an open-vocabulary detector), ``visual-genome`` (the VG entity bank and per-image object lists).
 Heavy libraries (spaCy, transformers) are imported inside the steps that use them.
 """
-
-
-class ConfigError(ValueError):
-    """A bad command line or setting; the message is one line saying what is valid."""

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from agree.data.formats import DataFormatError, _check_fields, _rows
+from agree.data.formats import _check_fields, _rows
+from agree.errors import ConfigError, DataFormatError
 from agree.io import write_jsonl
-from agree.prepare import ConfigError
 from agree.prepare.shards import ShardResult, Shards
 
 TEXT_KEYS = {"caption": "train", "query_text": "test texts"}

@@ -25,9 +25,9 @@ import torch
 from omegaconf import MISSING
 
 from agree.config import resolve_device
-from agree.data.formats import NO_GROUNDING_LABEL, DataFormatError, ReleaseLayout, flickr_id, read_jsonl
+from agree.data.formats import NO_GROUNDING_LABEL, ReleaseLayout, flickr_id, read_jsonl
+from agree.errors import ConfigError, DataFormatError
 from agree.io import write_jsonl
-from agree.prepare import ConfigError
 from agree.prepare.images import ImageOptions, Preprocess, image_file, load_image
 from agree.prepare.shards import ShardResult, Shards
 

@@ -23,11 +23,10 @@ from open_clip.transform import (
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torchvision.transforms import Compose, Normalize
 
-from agree.data.formats import DataFormatError
 from agree.data.pixels import Box, normalise
+from agree.errors import ConfigError, DataFormatError
 from agree.model import clip
 from agree.model.clip import ModelLoadError
-from agree.prepare import ConfigError
 from agree.prepare.shards import ShardResult
 
 MAX_PIXELS = 89_478_485  # Pillow's default limit: larger images are refused before decoding (bombs)

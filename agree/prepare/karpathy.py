@@ -19,17 +19,9 @@ from pathlib import Path, PurePosixPath
 
 from omegaconf import MISSING
 
-from agree.data.formats import (
-    DataFormatError,
-    ReleaseLayout,
-    _check_fields,
-    _json_id,
-    check_name,
-    read_json,
-    show,
-)
+from agree.data.formats import ReleaseLayout, _check_fields, _json_id, check_name, read_json, show
+from agree.errors import ConfigError, DataFormatError
 from agree.io import replace_as_set, staging_dir, write_json, write_jsonl
-from agree.prepare import ConfigError
 from agree.prepare.images import EncodeImages, ImageOptions
 from agree.prepare.shards import Shards
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from omegaconf import MISSING
 
 from agree.data.formats import (
-    DataFormatError,
     ReleaseLayout,
     _check_fields,
     _json_id,
@@ -34,6 +33,7 @@ from agree.data.formats import (
     read_text_segs,
     read_train_records,
 )
+from agree.errors import DataFormatError
 from agree.io import write_jsonl
 from agree.prepare.images import ImageOptions, Preprocess, load_image
 from agree.prepare.shards import ShardResult, Shards
