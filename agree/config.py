@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from agree.data.formats import ReleaseLayout
+from agree.data.layout import ReleaseLayout
 from agree.data.synthetic import SceneConfig, ensure_generated
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
+from agree.atomic import write_json
 from agree.cli import user_errors
 from agree.config import merge_overrides
 from agree.evaluate import evaluate
 from agree.folders import claim
-from agree.io import write_json
 from agree.report import write_report
 from agree.summary import (
     ZERO_SHOT_RUNS,

@@ -7,7 +7,7 @@ feature files (``features.*``). Writes under ``output_dir``: ``features/`` (bina
 store), ``predictions/`` (reference JSONL per stage and direction), ``evaluation/`` (reference
 evaluation JSON per stage and direction), ``results.json`` and ``report_inputs.json`` (where
 ``agree.report`` finds the annotations and test images). They are written into a hidden staging
-folder first and replace an earlier evaluation's outputs as a set (``agree.io.replace_as_set``).
+folder first and replace an earlier evaluation's outputs as a set (``agree.atomic.replace_as_set``).
 
 Model, dataset and Lightning code is imported inside the functions that extract features, so an
 evaluation from feature files starts without loading it.
@@ -23,26 +23,18 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from agree.atomic import replace_as_set, staging_dir, write_json, write_jsonl
 from agree.checks import check_data_root, check_evaluate_config
 from agree.cli import user_errors
 from agree.config import ensure_data, resolve_device, resolve_path
-from agree.data.formats import (
-    NpzImages,
-    ReleaseLayout,
-    TestImage,
-    TestText,
-    evaluation_json,
-    prediction_rows,
-    read_entity_feature_jsonl,
-    read_feature_jsonl,
-    read_test_images,
-    read_test_texts,
-    read_text_segs,
-)
+from agree.data.evaluation_files import evaluation_json, prediction_rows
+from agree.data.feature_files import read_entity_feature_jsonl, read_feature_jsonl, save_features
+from agree.data.layout import ReleaseLayout
+from agree.data.npz_images import NpzImages
+from agree.data.records import TestImage, TestText, read_test_images, read_test_texts, read_text_segs
 from agree.errors import ConfigError, DataFormatError
 from agree.folders import check_entries, claim_entries
-from agree.io import replace_as_set, staging_dir, write_json, write_jsonl
-from agree.retrieval.features import extract, save_features
+from agree.retrieval.features import extract
 from agree.retrieval.metrics import positives_from_pairs, recall_at_k, summarise
 from agree.retrieval.pipeline import EntityFeatures, rank_stages
 

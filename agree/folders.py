@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from agree.atomic import write_json
 from agree.errors import FolderNotOwnedError
-from agree.io import write_json
 
 MARKER = ".agree-folder.json"
 

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from agree.io import atomic_path, write_json
+from agree.atomic import atomic_path, write_json
 
 WANDB_RUN_FILE = "wandb_run.json"  # in the run directory: the W&B run that `ckpt_path=last` resumes
 NAME_EXCLUDES = ("hydra.", "output_dir=", "data.root=", "data.vg_root=", "ckpt_path=", "logger=")

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from agree.atomic import atomic_path
 from agree.data.alt_text import AltTextConfig, batch
-from agree.io import atomic_path
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
 from agree.model.losses import contrastive_loss
 from agree.model.module import MAX_LOGIT_SCALE, parameter_groups, warmup_cosine

@@ -27,19 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from agree.data.formats import (
-    NpzImages,
-    TestImage,
-    TestText,
-    canonical_id,
-    read_predictions,
-    read_test_images,
-    read_test_texts,
-)
+from agree.atomic import atomic_path
+from agree.data.evaluation_files import read_predictions
+from agree.data.feature_files import load_features
+from agree.data.json_lines import canonical_id
+from agree.data.npz_images import NpzImages
 from agree.data.pixels import CLIP_MEAN, CLIP_STD
+from agree.data.records import TestImage, TestText, read_test_images, read_test_texts
 from agree.evaluate import DIRECTIONS, ground_truth
-from agree.io import atomic_path
-from agree.retrieval.features import load_features
 from agree.retrieval.metrics import DIRECTIONS as SHORT  # {"t2i": "text_to_image", ...}
 from agree.retrieval.metrics import recall_at_k
 from agree.retrieval.search import topk_similarity

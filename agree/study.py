@@ -33,11 +33,11 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from agree.atomic import atomic_path, write_json
 from agree.cli import user_errors
 from agree.config import loss_weights_preset, merge_overrides
 from agree.evaluate import evaluate
 from agree.folders import claim
-from agree.io import atomic_path, write_json
 from agree.study_report import results_page
 from agree.summary import ZERO_SHOT_RUNS, chance_rsum, zero_shot_stages
 from agree.train import train

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from agree.atomic import write_json, write_torch
 from agree.callbacks import configured_callbacks
 from agree.checks import check_loss_weights, check_train_config, device_batch_size, resume_path
 from agree.cli import user_errors
@@ -21,7 +22,6 @@ from agree.config import allow_tf32, data_layout, resolve_precision, scene_confi
 from agree.data.datamodule import AgreeDataModule
 from agree.data.datasets import inputs_for
 from agree.errors import ConfigError
-from agree.io import write_json, write_torch
 from agree.loggers import build_logger, history_rows
 from agree.model.clip import get_tokenizer
 from agree.model.module import AgreeModule

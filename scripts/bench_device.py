@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
 from hydra import compose, initialize_config_module  # noqa: E402
 from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -44,7 +45,8 @@ from agree import evaluate  # noqa: E402
 from agree.config import allow_tf32, ensure_data, loss_weights_preset  # noqa: E402
 from agree.data.datamodule import AgreeDataModule  # noqa: E402
 from agree.data.datasets import inputs_for  # noqa: E402
-from agree.data.formats import ReleaseLayout, read_test_images, read_test_texts  # noqa: E402
+from agree.data.layout import ReleaseLayout  # noqa: E402
+from agree.data.records import read_test_images, read_test_texts  # noqa: E402
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer  # noqa: E402
 from agree.model.module import agree_losses  # noqa: E402
 

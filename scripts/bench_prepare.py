@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from agree.data.formats import NpzImages  # noqa: E402
-from agree.io import write_jsonl  # noqa: E402
+from agree.atomic import write_jsonl  # noqa: E402
+from agree.data.npz_images import NpzImages  # noqa: E402
 from agree.prepare import entities, ground, karpathy, visual_genome  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agree.data.formats import read_entity_feature_jsonl, read_feature_jsonl, write_feature_jsonl  # noqa: E402
+from agree.data.feature_files import (  # noqa: E402
+    read_entity_feature_jsonl,
+    read_feature_jsonl,
+    write_feature_jsonl,
+)
 from agree.retrieval.pipeline import EntityFeatures, rank_stages  # noqa: E402
 from agree.retrieval.search import topk_both, topk_similarity  # noqa: E402
 from tests.test_rerank import loop_egr_i2t, loop_egr_t2i, loop_tbr  # noqa: E402

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_module
 
 from agree.config import resolve_model
 from agree.data.datasets import random_square
-from agree.data.formats import NpzImages
+from agree.data.npz_images import NpzImages
 from agree.data.pixels import OPENAI_MEAN, black
 from agree.train import train
 

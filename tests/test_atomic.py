@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from agree import io
+from agree import atomic
 from agree.train import AtomicCheckpointIO
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -41,12 +41,12 @@ def sigkill(process: subprocess.Popen) -> None:
 
 def test_sigkill_during_write_jsonl_keeps_the_old_file(tmp_path):
     target, ready = tmp_path / "predictions.jsonl", tmp_path / "ready"
-    io.write_jsonl(target, [{"query_id": 1, "item_ids": [1, 2]}])
+    atomic.write_jsonl(target, [{"query_id": 1, "item_ids": [1, 2]}])
     old = target.read_bytes()
     writer = spawn(f"""
         import time
         from pathlib import Path
-        from agree.io import write_jsonl
+        from agree.atomic import write_jsonl
 
         def rows():
             for i in range(100):  # 6 MB reach the temporary file, then the writer stalls
@@ -66,9 +66,9 @@ def test_sigkill_during_write_jsonl_keeps_the_old_file(tmp_path):
         writer.kill()
     assert target.read_bytes() == old
     assert temps(target) == [partial]  # recognisable: .predictions.jsonl.<host>.<pid>.<random>.tmp
-    assert partial.name.startswith(f".predictions.jsonl.{io.HOST}.{writer.pid}.")
+    assert partial.name.startswith(f".predictions.jsonl.{atomic.HOST}.{writer.pid}.")
 
-    io.write_jsonl(
+    atomic.write_jsonl(
         target, [{"query_id": 2, "item_ids": [3]}]
     )  # the next write clears the dead one's leftover
     assert target.read_text() == '{"query_id": 2, "item_ids": [3]}\n'
@@ -86,16 +86,16 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_file(tmp_path, writer,
         process = spawn(f"""
             from pathlib import Path
             import numpy as np
-            from agree import io
+            from agree import atomic
 
             for version in range(1, 10_000):
                 array = np.full({shape}, {attempt * 10_000} + version, dtype=np.float32)
                 if {writer!r} == "write_npz":
-                    io.write_npz({str(target)!r}, {{"a": array}})
+                    atomic.write_npz({str(target)!r}, {{"a": array}})
                 else:
                     import torch
 
-                    io.write_torch({str(target)!r}, {{"a": torch.from_numpy(array)}})
+                    atomic.write_torch({str(target)!r}, {{"a": torch.from_numpy(array)}})
                 Path({str(started)!r}).touch()
         """)
         try:
@@ -117,26 +117,26 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_file(tmp_path, writer,
 
 def test_a_failing_write_keeps_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "results.json"
-    io.write_json(target, {"r1": 1})
+    atomic.write_json(target, {"r1": 1})
 
     def rows():
         yield {"a": 1}
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        io.write_jsonl(target, rows())
+        atomic.write_jsonl(target, rows())
     assert target.read_text() == '{\n  "r1": 1\n}\n'
     assert temps(target) == []
 
 
 def test_written_files_follow_the_umask_and_live_writers_temps_stay(tmp_path):
     target = tmp_path / "metrics.json"
-    live = tmp_path / f".metrics.json.{io.HOST}.{os.getppid()}.abc123.tmp"  # a running process's write
-    dead = tmp_path / f".metrics.json.{io.HOST}.999999999.abc123.tmp"
+    live = tmp_path / f".metrics.json.{atomic.HOST}.{os.getppid()}.abc123.tmp"  # a running process's write
+    dead = tmp_path / f".metrics.json.{atomic.HOST}.999999999.abc123.tmp"
     live.touch()
     dead.touch()
-    io.write_json(target, {})
-    assert target.stat().st_mode & 0o777 == 0o666 & ~io.UMASK
+    atomic.write_json(target, {})
+    assert target.stat().st_mode & 0o777 == 0o666 & ~atomic.UMASK
     assert live.exists() and not dead.exists()
 
 

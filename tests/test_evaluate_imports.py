@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agree.data.formats import write_feature_jsonl
-from agree.io import write_jsonl
+from agree.atomic import write_jsonl
+from agree.data.feature_files import write_feature_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("open_clip", "lightning", "pytorch_lightning", "lightning_fabric", "wandb", "torchmetrics", "timm")

@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from agree.data.formats import read_entity_feature_jsonl, read_feature_jsonl, write_feature_jsonl
+from agree.data.feature_files import (
+    load_features,
+    read_entity_feature_jsonl,
+    read_feature_jsonl,
+    write_feature_jsonl,
+)
 from agree.errors import DataFormatError
 from agree.evaluate import evaluate
-from agree.retrieval.features import load_features
 
 SMALL = [
     "data.synthetic.train_images=10",

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from agree.data import formats
-from agree.data.formats import NpzImages
+from agree.atomic import write_npz
+from agree.data import json_lines, records
+from agree.data.npz_images import NpzImages
 from agree.errors import DataFormatError
-from agree.io import write_npz
 
 SPEC_TRAIN_LINE = (
     '{"image": "flickr30k-images/10002456.jpg", "caption": "Four men on top of a tall structure.", '
@@ -28,15 +28,15 @@ def one_line_error(excinfo, *fragments):
 def test_spec_train_example_parses(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text(SPEC_TRAIN_LINE + "\n")
-    (record,) = formats.read_train_records(path)
+    (record,) = records.read_train_records(path)
     assert record.image_key == "1" and record.flickr_id == "10002456"
     assert record.segs[-1] == "a tall structure"
     assert record.preds[1] == ("object", 0.607)
 
 
 def test_ids_compare_as_integers():
-    assert formats.canonical_id("0042") == formats.canonical_id(42) == "42"
-    assert formats.canonical_id("abc") == "abc"
+    assert json_lines.canonical_id("0042") == json_lines.canonical_id(42) == "42"
+    assert json_lines.canonical_id("abc") == "abc"
 
 
 @pytest.mark.parametrize(
@@ -53,17 +53,17 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, line, fragment):
     path = tmp_path / "train.jsonl"
     path.write_text(SPEC_TRAIN_LINE + "\n" + line + "\n")
     with pytest.raises(DataFormatError) as excinfo:
-        formats.read_train_records(path)
+        records.read_train_records(path)
     one_line_error(excinfo, f"{path}:2", fragment)
 
 
 def test_missing_file_and_empty_file(tmp_path):
     with pytest.raises(DataFormatError) as excinfo:
-        formats.read_test_texts(tmp_path / "absent.jsonl")
+        records.read_test_texts(tmp_path / "absent.jsonl")
     one_line_error(excinfo, "file not found")
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataFormatError) as excinfo:
-        formats.read_test_texts(tmp_path / "empty.jsonl")
+        records.read_test_texts(tmp_path / "empty.jsonl")
     one_line_error(excinfo, "no records")
 
 
@@ -75,7 +75,7 @@ def test_duplicate_query_ids(tmp_path):
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataFormatError) as excinfo:
-        formats.read_test_texts(path)
+        records.read_test_texts(path)
     one_line_error(excinfo, f"{path}:2", "duplicate query_id 1")
 
 
@@ -83,11 +83,11 @@ def test_val_json_errors(tmp_path):
     path = tmp_path / "val.json"
     path.write_text('[{"image": "a.jpg", "caption": ["x"]}, {"image": "b.jpg"}]')
     with pytest.raises(DataFormatError) as excinfo:
-        formats.read_val_records(path)
+        records.read_val_records(path)
     one_line_error(excinfo, "element 1", "missing key 'caption'")
     path.write_text('[{"image": "a.jpg", "caption": ["x"]},')
     with pytest.raises(DataFormatError) as excinfo:
-        formats.read_val_records(path)
+        records.read_val_records(path)
     one_line_error(excinfo, "malformed JSON")
 
 
@@ -131,12 +131,12 @@ def test_npz_missing_id_and_pickle(tmp_path):
 
 def test_generated_release_reads_back(scenes):
     """Every file the generator writes is read by the same readers as the real release."""
-    train = formats.read_train_records(scenes.train_records)
-    val = formats.read_val_records(scenes.val_records)
-    texts = formats.read_test_texts(scenes.test_texts)
-    images = formats.read_test_images(scenes.test_images)
-    segs = formats.read_text_segs(scenes.test_text_segs)
-    vocab = formats.read_vg_vocab(scenes.vg_vocab)
+    train = records.read_train_records(scenes.train_records)
+    val = records.read_val_records(scenes.val_records)
+    texts = records.read_test_texts(scenes.test_texts)
+    images = records.read_test_images(scenes.test_images)
+    segs = records.read_text_segs(scenes.test_text_segs)
+    vocab = records.read_vg_vocab(scenes.vg_vocab)
     assert len({r.image_key for r in train}) == 60 and len(val) == 12 and len(images) == 20
     assert len(texts) == 100 and set(segs) == {t.query_id for t in texts}
     NpzImages(scenes.images_npz("train"), 64).require([r.image_key for r in train], "train image")
@@ -149,7 +149,7 @@ def test_generated_release_reads_back(scenes):
     for record in train:
         assert all(seg in record.caption for seg in record.segs)
         for label, _ in record.preds:
-            if label != formats.NO_GROUNDING_LABEL:
+            if label != records.NO_GROUNDING_LABEL:
                 assert f"{record.flickr_id}_{label}" in grounding
     masks = NpzImages(scenes.vg_mask_images_npz, 64)
     vg_images = NpzImages(scenes.vg_images_npz, 64)
@@ -158,5 +158,5 @@ def test_generated_release_reads_back(scenes):
         vg_images.require(ids, "VG image")
         masks.require([f"{word}_{i}" for i in ids], "VG mask")
     for split in ("train", "val", "test"):
-        objects = formats.read_image_objects(scenes.image_objects(split))
+        objects = records.read_image_objects(scenes.image_objects(split))
         assert all(set(words) <= set(vocab) for words in objects.values())

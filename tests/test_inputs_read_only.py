@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 
 from agree import demo
-from agree.data.formats import read_feature_jsonl
+from agree.data.feature_files import read_feature_jsonl
 from agree.data.synthetic import OWNER, SceneConfig, ensure_generated
 from agree.errors import ConfigError, DataFormatError, FolderNotOwnedError
 from agree.evaluate import evaluate

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from agree.data import lines
-from agree.data.formats import read_entity_feature_jsonl, read_feature_jsonl, write_feature_jsonl
+from agree.data.feature_files import read_entity_feature_jsonl, read_feature_jsonl, write_feature_jsonl
 from agree.errors import DataFormatError
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from hydra import compose, initialize_config_module
 
+from agree.data.feature_files import load_features
 from agree.evaluate import evaluate
-from agree.retrieval.features import load_features
 from tests.conftest import SMALL_SCENES
 
 REPO = Path(__file__).resolve().parents[1]

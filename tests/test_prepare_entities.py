@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from agree.data import formats
 from agree.data.datasets import mask_entity
+from agree.data.records import read_text_segs, read_train_records
 from agree.errors import ConfigError, DataFormatError
 from agree.prepare.__main__ import main
 
@@ -78,7 +78,7 @@ def test_train_file_in_place_and_test_texts_to_segs_file(tmp_path):
     assert main(["entities", f"input={train}", "shard_size=1"]) == 2  # existing segs are kept ...
     assert train.read_bytes() == before
     assert main(["entities", f"input={train}", "shard_size=1", "overwrite=true"]) == 0  # ... unless asked
-    records = formats.read_train_records(train)
+    records = read_train_records(train)
     assert records[0].segs == ("two dogs", "the snow") and records[1].segs == ("a dog", "the beach")
     assert json.loads(train.read_text().splitlines()[0])["extra"] == 1  # other keys kept
     assert not (tmp_path / "annotation" / "flickr30k_train_pred.jsonl.parts").exists()
@@ -89,7 +89,7 @@ def test_train_file_in_place_and_test_texts_to_segs_file(tmp_path):
     )
     assert main(["entities", f"input={texts}"]) == 0
     segs_file = tmp_path / "annotation" / "flickr30k_test_texts_segs.jsonl"
-    assert formats.read_text_segs(segs_file) == {"7": ["a girl", "a kite", "a girl with a kite"]}
+    assert read_text_segs(segs_file) == {"7": ["a girl", "a kite", "a girl with a kite"]}
     assert json.loads(segs_file.read_text())["query_text"] == "A girl with a kite ."
 
 

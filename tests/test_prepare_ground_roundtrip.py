@@ -11,13 +11,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from agree.data import formats
+from agree.atomic import write_jsonl
 from agree.data.datasets import grounded_label, mask_entity
-from agree.data.formats import NO_GROUNDING_LABEL, NpzImages
+from agree.data.layout import ReleaseLayout
+from agree.data.npz_images import NpzImages
 from agree.data.pixels import CLIP_MEAN, CLIP_STD
+from agree.data.records import NO_GROUNDING_LABEL, read_train_records
 from agree.errors import ConfigError, DataFormatError
 from agree.evaluate import evaluate
-from agree.io import write_jsonl
 from agree.prepare.__main__ import main
 from agree.train import train
 
@@ -152,8 +153,8 @@ def test_ground_writes_preds_and_masked_images(release, tmp_path, kind):
     detector = DETECTORS[kind](tmp_path / kind)
     argv = ["ground", f"root={root}", f"images={images}", f"detector={detector}", "shard_size=3", *TINY]
     assert main([*argv, "threshold=0", "max_words=7"]) == 0
-    layout = formats.ReleaseLayout(root, root.parent / "VG", 64)
-    records = formats.read_train_records(layout.train_records)
+    layout = ReleaseLayout(root, root.parent / "VG", 64)
+    records = read_train_records(layout.train_records)
     masks = NpzImages(layout.grounding_npz, 64)
     train_images = NpzImages(layout.images_npz("train"), 64)
     labels = set()
@@ -177,7 +178,7 @@ def test_ground_writes_preds_and_masked_images(release, tmp_path, kind):
         assert main([*argv, "threshold=1.01", "overwrite=true"]) == 0
         assert all(
             label == NO_GROUNDING_LABEL
-            for r in formats.read_train_records(layout.train_records)
+            for r in read_train_records(layout.train_records)
             for label, _ in r.preds
         )
         assert len(NpzImages(layout.grounding_npz, 64)) == 0

@@ -13,11 +13,11 @@ import open_clip
 import pytest
 from PIL import Image
 
-from agree.data import formats
-from agree.data.formats import NpzImages
+from agree.atomic import write_jsonl
+from agree.data import layout, records
+from agree.data.npz_images import NpzImages
 from agree.data.pixels import CLIP_MEAN, CLIP_STD
 from agree.errors import ConfigError, DataFormatError
-from agree.io import write_jsonl
 from agree.prepare import karpathy as karpathy_step
 from agree.prepare import visual_genome as vg_step
 from agree.prepare.__main__ import main, parse
@@ -104,20 +104,20 @@ def flickr(tmp_path_factory):
         )
         == 0
     )
-    return formats.ReleaseLayout(folder / "release", folder / "VG", 64), source, images
+    return layout.ReleaseLayout(folder / "release", folder / "VG", 64), source, images
 
 
 def test_karpathy_writes_every_reference_file(flickr):
     layout, source, images = flickr
-    train = formats.read_train_records(layout.train_records)
+    train = records.read_train_records(layout.train_records)
     assert len(train) == 20 and {r.image_key for r in train} == {"0", "1", "2", "3"}
     assert train[0].flickr_id == "134206" and train[0].caption.startswith("The players of the baseball team")
     assert (
         json.loads(layout.train_records.read_text().splitlines()[0])["image"] == "flickr30k-images/134206.jpg"
     )
-    val = formats.read_val_records(layout.val_records)
+    val = records.read_val_records(layout.val_records)
     assert [v.image_key for v in val] == ["0", "1"] and all(len(v.captions) == 5 for v in val)
-    texts, tests = formats.read_test_texts(layout.test_texts), formats.read_test_images(layout.test_images)
+    texts, tests = records.read_test_texts(layout.test_texts), records.read_test_images(layout.test_images)
     assert [t.query_id for t in texts] == [str(i) for i in range(10)]
     assert [t.image_id for t in tests] == ["65567", "81641"] and tests[1].query_ids == tuple(
         str(i) for i in range(5, 10)
@@ -163,8 +163,8 @@ def test_coco_restval_joins_train_by_flag_and_test_keys_are_stems(tmp_path):
         )
         layout = karpathy_step.run(cfg)
         assert layout.prefix == "coco" and layout.train_records.name == "coco_train_pred.jsonl"
-        assert len(formats.read_train_records(layout.train_records)) == train_images
-    (test,) = formats.read_test_images(layout.test_images)
+        assert len(records.read_train_records(layout.train_records)) == train_images
+    (test,) = records.read_test_images(layout.test_images)
     stem = f"COCO_val2014_{int(jpgs[3].stem):012d}"
     assert test.image_id == stem and stem in NpzImages(layout.images_npz("test"), 64)
     assert (
@@ -326,18 +326,18 @@ def test_visual_genome_bank_and_object_lists(flickr, tmp_path):
         *TINY,
     ]
     assert main(argv) == 0
-    bank = formats.read_vg_vocab(vg_root / "vocab_VG_images_objs.jsonl")
+    bank = records.read_vg_vocab(vg_root / "vocab_VG_images_objs.jsonl")
     assert {"man", "shirt", "building", "street light", "light"} <= set(bank) and all(
         1 <= len(ids) <= 2 for ids in bank.values()
     )
     assert "a" not in bank and "the" not in bank
-    train_objects = formats.read_image_objects(root / "objects/flickr30k_train_imgs_objs.jsonl")
+    train_objects = records.read_image_objects(root / "objects/flickr30k_train_imgs_objs.jsonl")
     assert (
         "man" in train_objects["148284"]
         and "shirt" in train_objects["148284"]
         and train_objects["134206"] == ["building", "light", "street light"]
     )
-    assert set(formats.read_image_objects(root / "objects/flickr30k_test_imgs_objs.jsonl")) == {
+    assert set(records.read_image_objects(root / "objects/flickr30k_test_imgs_objs.jsonl")) == {
         "65567",
         "81641",
     }

@@ -25,10 +25,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agree.data import formats
-from agree.data.formats import NpzImages, canonical_id
+from agree.atomic import write_jsonl, write_npz
+from agree.data import evaluation_files, feature_files, records
+from agree.data.json_lines import canonical_id
+from agree.data.npz_images import NpzImages
 from agree.errors import DataFormatError
-from agree.io import write_jsonl, write_npz
 
 EXAMPLES = {"bytes": 120, "json": 120, "valid": 100, "damaged": 200}
 
@@ -85,17 +86,17 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 READERS: dict[str, Callable] = {
-    "train": formats.read_train_records,
-    "val": formats.read_val_records,
-    "test_texts": formats.read_test_texts,
-    "test_images": formats.read_test_images,
-    "text_segs": formats.read_text_segs,
-    "image_objects": formats.read_image_objects,
-    "vg_vocab": formats.read_vg_vocab,
-    "image_features": lambda p: formats.read_feature_jsonl(p, "image_id"),
-    "text_features": lambda p: formats.read_feature_jsonl(p, "query_id"),
-    "entity_features": lambda p: formats.read_entity_feature_jsonl(p, MAX_ENTITIES),
-    "predictions": formats.read_predictions,
+    "train": records.read_train_records,
+    "val": records.read_val_records,
+    "test_texts": records.read_test_texts,
+    "test_images": records.read_test_images,
+    "text_segs": records.read_text_segs,
+    "image_objects": records.read_image_objects,
+    "vg_vocab": records.read_vg_vocab,
+    "image_features": lambda p: feature_files.read_feature_jsonl(p, "image_id"),
+    "text_features": lambda p: feature_files.read_feature_jsonl(p, "query_id"),
+    "entity_features": lambda p: feature_files.read_entity_feature_jsonl(p, MAX_ENTITIES),
+    "predictions": evaluation_files.read_predictions,
     "npz": read_npz,
 }
 
@@ -183,7 +184,7 @@ def valid_train(draw) -> Valid:
             }
         )
         expected.append(
-            formats.TrainRecord(
+            records.TrainRecord(
                 canonical_id(image_id),
                 canonical_id(flickr),
                 caption,
@@ -199,7 +200,7 @@ def valid_val(draw) -> Valid:
     items = draw(st.lists(st.tuples(texts, texts | st.lists(texts, max_size=5)), min_size=1, max_size=4))
     rows = [[{"image": image, "caption": caption} for image, caption in items]]
     expected = [
-        formats.ValRecord(str(i), (caption,) if isinstance(caption, str) else tuple(caption))
+        records.ValRecord(str(i), (caption,) if isinstance(caption, str) else tuple(caption))
         for i, (_, caption) in enumerate(items)
     ]
     return Valid(rows, expected)
@@ -212,7 +213,7 @@ def valid_test_texts(draw) -> Valid:
         {"query_id": k, "query_text": draw(texts), "item_ids": draw(st.lists(ids, max_size=5))} for k in keys
     ]
     expected = [
-        formats.TestText(
+        records.TestText(
             canonical_id(r["query_id"]), r["query_text"], tuple(map(canonical_id, r["item_ids"]))
         )
         for r in rows
@@ -224,7 +225,7 @@ def valid_test_texts(draw) -> Valid:
 def valid_test_images(draw) -> Valid:
     rows = [{"image_id": k, "item_ids": draw(st.lists(ids, max_size=5))} for k in draw(unique_ids())]
     expected = [
-        formats.TestImage(canonical_id(r["image_id"]), tuple(map(canonical_id, r["item_ids"]))) for r in rows
+        records.TestImage(canonical_id(r["image_id"]), tuple(map(canonical_id, r["item_ids"]))) for r in rows
     ]
     return Valid(rows, expected, "image_id")
 
@@ -280,11 +281,14 @@ def valid_predictions(draw) -> Valid:
     id_key = draw(st.sampled_from(["query_id", "image_id"]))
     queries = [canonical_id(k) for k in draw(unique_ids())]
     ranked = [[canonical_id(i) for i in draw(unique_ids(0, 6))] for _ in queries]
-    rows = formats.prediction_rows(id_key, queries, ranked)
+    rows = evaluation_files.prediction_rows(id_key, queries, ranked)
     if draw(st.booleans()):
         for row in rows:
             row["item_ids"] = [[item, draw(scores)] for item in row["item_ids"]]
-    expected = (id_key, [formats.Prediction(q, tuple(r)) for q, r in zip(queries, ranked, strict=True)])
+    expected = (
+        id_key,
+        [evaluation_files.Prediction(q, tuple(r)) for q, r in zip(queries, ranked, strict=True)],
+    )
     return Valid(rows, expected, id_key)
 
 

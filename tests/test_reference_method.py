@@ -24,8 +24,8 @@ from omegaconf import OmegaConf
 from agree.checks import device_batch_size
 from agree.config import resolve_precision
 from agree.data.datasets import CollateTrain, random_square
-from agree.data.formats import read_test_images, read_test_texts, read_text_segs
 from agree.data.pixels import black
+from agree.data.records import read_test_images, read_test_texts, read_text_segs
 from agree.errors import ConfigError
 from agree.evaluate import entity_texts, evaluate, model_features
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer

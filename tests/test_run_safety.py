@@ -16,10 +16,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from agree import io
+from agree import atomic
+from agree.atomic import replace_as_set, staging_dir
 from agree.errors import ConfigError
 from agree.evaluate import evaluate
-from agree.io import replace_as_set, staging_dir
 from agree.report import write_report
 from agree.train import train
 
@@ -226,7 +226,7 @@ def test_an_evaluation_killed_mid_write_leaves_the_previous_set(scenes, tmp_path
         calls.append(args[0])
         if len(calls) == 3:
             raise KeyboardInterrupt  # a kill in the middle of the predictions
-        return io.write_jsonl(*args, **kwargs)
+        return atomic.write_jsonl(*args, **kwargs)
 
     monkeypatch.setattr("agree.evaluate.write_jsonl", dies_on_the_third_file)
     with pytest.raises(KeyboardInterrupt):
@@ -235,7 +235,7 @@ def test_an_evaluation_killed_mid_write_leaves_the_previous_set(scenes, tmp_path
     assert write_report(out) and json.loads((out / "results.json").read_text()) == first
 
     monkeypatch.undo()
-    dead = out / f".evaluate.{io.HOST}.{2**22 + 1}.staging"  # a killed evaluation's (pid above pid_max)
+    dead = out / f".evaluate.{atomic.HOST}.{2**22 + 1}.staging"  # a killed evaluation's (pid above pid_max)
     dead.mkdir()
     second = evaluate(evaluation(out, scenes, "seed=1"))
     assert second != first and json.loads((out / "results.json").read_text()) == second
@@ -263,7 +263,7 @@ def test_a_set_replaced_with_a_crash_at_any_rename_is_never_mixed(tmp_path, monk
         renames.append(dst)
         real(src, dst)
 
-    monkeypatch.setattr(io.os, "replace", crashing)
+    monkeypatch.setattr(atomic.os, "replace", crashing)
     try:
         replace_as_set(folder, target, names, last="results.json")
     except KeyboardInterrupt:

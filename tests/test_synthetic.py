@@ -5,9 +5,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from agree.data import formats, synthetic
-from agree.data.formats import NpzImages
+from agree.data import synthetic
+from agree.data.npz_images import NpzImages
 from agree.data.pixels import CLIP_MEAN, CLIP_STD, normalise
+from agree.data.records import read_test_texts
 
 from .conftest import SMALL_SCENES
 
@@ -45,7 +46,7 @@ def test_grounded_mask_blanks_exactly_the_entity_box():
 
 def test_binding_groups_make_hard_negatives(scenes):
     """Test images share their words with other test images: only the binding tells them apart."""
-    texts = formats.read_test_texts(scenes.test_texts)
+    texts = read_test_texts(scenes.test_texts)
     images_by_words = {}
     for t in texts:
         words = frozenset(

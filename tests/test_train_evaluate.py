@@ -5,10 +5,10 @@ import json
 import pytest
 from hydra import compose, initialize_config_module
 
-from agree.data.formats import read_test_texts
+from agree.atomic import write_npz
+from agree.data.records import read_test_texts
 from agree.errors import DataFormatError
 from agree.evaluate import evaluate
-from agree.io import write_npz
 from agree.train import train
 
 SCENES = [

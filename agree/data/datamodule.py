@@ -10,15 +10,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from agree.data.datasets import CollateTrain, CollateVal, EntitySources, Tokenizer, TrainCaptions, ValImages
-from agree.data.formats import (
-    NpzImages,
-    ReleaseLayout,
-    read_image_objects,
-    read_train_records,
-    read_val_records,
-    read_vg_vocab,
-)
+from agree.data.layout import ReleaseLayout
+from agree.data.npz_images import NpzImages
 from agree.data.pixels import black
+from agree.data.records import read_image_objects, read_train_records, read_val_records, read_vg_vocab
 from agree.data.synthetic import SceneConfig, ensure_generated
 
 

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from agree.data.formats import NO_GROUNDING_LABEL, PROMPT_TEMPLATE, NpzImages, TrainRecord, ValRecord
+from agree.data.entities import PROMPT_TEMPLATE
+from agree.data.npz_images import NpzImages
 from agree.data.pixels import black
+from agree.data.records import NO_GROUNDING_LABEL, TrainRecord, ValRecord
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 

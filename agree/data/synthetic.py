@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from agree.data.formats import ReleaseLayout
+from agree.atomic import write_json, write_jsonl, write_npz
+from agree.data.layout import ReleaseLayout
 from agree.data.pixels import OPENAI_MEAN, OPENAI_STD, normalise
 from agree.folders import check_claim, claim
-from agree.io import write_json, write_jsonl, write_npz
 from agree.progress import progress
 
 COLORS = {

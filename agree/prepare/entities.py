@@ -24,9 +24,9 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from agree.data.formats import _check_fields, _rows
+from agree.atomic import write_jsonl
+from agree.data.json_lines import check_fields, checked_rows
 from agree.errors import ConfigError, DataFormatError
-from agree.io import write_jsonl
 from agree.prepare.shards import ShardResult, Shards
 
 TEXT_KEYS = {"caption": "train", "query_text": "test texts"}
@@ -103,7 +103,7 @@ def caption_entities(captions: Sequence[str], pipeline: str = "en_core_web_sm") 
 
 def read_captions(path: str | Path) -> tuple[str, list[dict]]:
     """(text key, rows) of a train or test texts jsonl, validated (every line, before any key)."""
-    rows = _rows(path, {})
+    rows = checked_rows(path, {})
     where, first = rows[0]
     key = next((k for k in TEXT_KEYS if k in first), None)
     if key is None:
@@ -111,7 +111,7 @@ def read_captions(path: str | Path) -> tuple[str, list[dict]]:
             f"{where}: no caption: expected a train jsonl ('caption') or test texts ('query_text')"
         )
     fields = {"caption": str} if key == "caption" else {"query_id": (int, str), "query_text": str}
-    return key, [_check_fields(row, fields, where) for where, row in rows]
+    return key, [check_fields(row, fields, where) for where, row in rows]
 
 
 def default_output(path: Path, key: str) -> Path:

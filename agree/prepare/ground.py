@@ -24,10 +24,12 @@ import numpy as np
 import torch
 from omegaconf import MISSING
 
+from agree.atomic import write_jsonl
 from agree.config import resolve_device
-from agree.data.formats import NO_GROUNDING_LABEL, ReleaseLayout, flickr_id, read_jsonl
+from agree.data.json_lines import read_jsonl
+from agree.data.layout import ReleaseLayout
+from agree.data.records import NO_GROUNDING_LABEL, flickr_id
 from agree.errors import ConfigError, DataFormatError
-from agree.io import write_jsonl
 from agree.prepare.images import ImageOptions, Preprocess, image_file, load_image
 from agree.prepare.shards import ShardResult, Shards
 

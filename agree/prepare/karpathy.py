@@ -19,9 +19,10 @@ from pathlib import Path, PurePosixPath
 
 from omegaconf import MISSING
 
-from agree.data.formats import ReleaseLayout, _check_fields, _json_id, check_name, read_json, show
+from agree.atomic import replace_as_set, staging_dir, write_json, write_jsonl
+from agree.data.json_lines import check_fields, check_name, json_id, read_json, show
+from agree.data.layout import ReleaseLayout
 from agree.errors import ConfigError, DataFormatError
-from agree.io import replace_as_set, staging_dir, write_json, write_jsonl
 from agree.prepare.images import EncodeImages, ImageOptions
 from agree.prepare.shards import Shards
 
@@ -58,12 +59,12 @@ def read_karpathy(path: str | Path, images: Path) -> tuple[str | None, list[Karp
     out = []
     for i, item in enumerate(data["images"]):
         where = f"{path}: images[{i}]"
-        _check_fields(item, {"filename": str, "split": str, "sentences": list}, where)
+        check_fields(item, {"filename": str, "split": str, "sentences": list}, where)
         if item["split"] not in SPLITS:
             raise DataFormatError(f"{where}: split {item['split']!r} is not one of {SPLITS}")
         captions = []
         for j, sentence in enumerate(item["sentences"]):
-            _check_fields(sentence, {"raw": str}, f"{where}.sentences[{j}]")
+            check_fields(sentence, {"raw": str}, f"{where}.sentences[{j}]")
             captions.append(sentence["raw"].strip())
         if not captions:
             raise DataFormatError(f"{where}: no sentences")
@@ -111,7 +112,7 @@ def write_annotations(layout: ReleaseLayout, splits: dict[str, list[KarpathyImag
     write_json(layout.val_records, val)
     texts, images = [], []
     for image in splits["test"]:
-        image_id = _json_id(image.stem)
+        image_id = json_id(image.stem)
         first = len(texts)
         for j, caption in enumerate(image.captions):
             texts.append({"query_id": first + j, "query_text": caption, "item_ids": [image_id]})
@@ -135,7 +136,7 @@ def run(cfg: Config) -> ReleaseLayout:
     """Check and encode everything, then write the annotations and npz files as one set.
 
     They go to a staging folder and replace the files of ``root/annotation`` together
-    (``agree.io.replace_as_set``): a crash never leaves new annotations beside old images.
+    (``agree.atomic.replace_as_set``): a crash never leaves new annotations beside old images.
     """
     folder = Path(cfg.images)
     dataset, images = read_karpathy(cfg.karpathy, folder)

@@ -23,8 +23,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
+from agree.atomic import atomic_path, write_json, write_jsonl, write_npz
 from agree.errors import ConfigError
-from agree.io import atomic_path, write_json, write_jsonl, write_npz
 from agree.progress import interactive
 
 T = TypeVar("T")

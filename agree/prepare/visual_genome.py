@@ -24,17 +24,11 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from agree.data.formats import (
-    ReleaseLayout,
-    _check_fields,
-    _json_id,
-    read_json,
-    read_test_images,
-    read_text_segs,
-    read_train_records,
-)
+from agree.atomic import write_jsonl
+from agree.data.json_lines import check_fields, json_id, read_json
+from agree.data.layout import ReleaseLayout
+from agree.data.records import read_test_images, read_text_segs, read_train_records
 from agree.errors import DataFormatError
-from agree.io import write_jsonl
 from agree.prepare.images import ImageOptions, Preprocess, load_image
 from agree.prepare.shards import ShardResult, Shards
 
@@ -74,9 +68,9 @@ def read_objects(path: str | Path, max_name_words: int) -> dict[str, list[Region
     largest: dict[str, dict[int, Region]] = defaultdict(dict)
     for i, image in enumerate(data):
         where = f"{path}: element {i}"
-        _check_fields(image, {"image_id": int, "objects": list}, where)
+        check_fields(image, {"image_id": int, "objects": list}, where)
         for j, obj in enumerate(image["objects"]):
-            _check_fields(
+            check_fields(
                 obj, {"x": int, "y": int, "w": int, "h": int, "names": list}, f"{where}.objects[{j}]"
             )
             region = Region(image["image_id"], obj)
@@ -201,7 +195,7 @@ def run(cfg: Config) -> ReleaseLayout:
     write_jsonl(layout.vg_vocab, [{"vocab": w, "objects": bank[w]} for w in sorted(bank)])
     for split, by_image in matched.items():
         rows = [
-            {"image_id": _json_id(image), "image_objects": [w for w in ws if w in bank]}
+            {"image_id": json_id(image), "image_objects": [w for w in ws if w in bank]}
             for image, ws in by_image.items()
         ]
         write_jsonl(layout.image_objects(split), rows)
