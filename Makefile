@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 DEMO_DIR ?= outputs/demo
+comma := ,
+space := $(subst ,, )
 
 .PHONY: install test demo lint bench clean
 
@@ -27,7 +29,7 @@ lint: install
 	$(VENV)/bin/ruff format --check agree tests scripts
 
 demo: install
-	$(PY) -m agree.demo $(DEMO_DIR)
+	$(PY) -m agree.demo output_dir=$(DEMO_DIR)
 
 bench: install
 	$(PY) scripts/bench_training_step.py
@@ -37,4 +39,5 @@ bench: install
 # Removes only the folders the demo and the data generator made (they carry a marker file);
 # training runs, evaluations and the user's data are kept.
 clean:
-	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m agree.folders remove $(DEMO_DIR) data/*
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m agree.folders \
+		'remove=[$(subst $(space),$(comma),$(strip $(DEMO_DIR) $(wildcard data/*)))]'

@@ -1,6 +1,6 @@
 """The demo: the paper's pipeline on the embedded scenes, a few minutes on 2 CPU cores.
 
-    python -m agree.demo [OUT_DIR] [key=value ...]     (what `make demo` runs)
+    python -m agree.demo [output_dir=outputs/demo] [key=value ...]     (agree-demo; what `make demo` runs)
 
 1. zero-shot: the pretrained tiny model (``model=scenes_pretrained``) on the test split, raw
    search, EGR, TBR and EGR + TBR (k = 20);
@@ -9,21 +9,23 @@
 4. the report of the fine-tuned evaluation (``OUT_DIR/fine_tuned/report.html``).
 
 Prints one table in the paper's layout and writes it as ``OUT_DIR/summary.json`` (see
-``agree.summary``). Extra ``key=value`` overrides apply to the training; those of ``model``,
-``data`` and ``seed`` also to the evaluations.
+``agree.summary``), ``OUT_DIR`` being ``output_dir``. Every other ``key=value`` argument is an
+override of ``agree.train``'s config (``data.synthetic.train_images=100``,
+``trainer.max_epochs=2``; see ``agree.cli``); those of ``model``, ``data`` and ``seed`` also
+apply to the evaluations. An override Hydra cannot apply stops the demo before it writes anything.
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
 from agree.atomic import write_json
-from agree.cli import user_errors
+from agree.cli import run_command
 from agree.config import merge_overrides
 from agree.evaluate import evaluate
 from agree.folders import claim
@@ -42,49 +44,55 @@ SCENES = ["data.synthetic.train_images=200"]  # the demo's data, for every step 
 EVAL_KEYS = ("model", "data", "seed")  # override keys that also apply to the evaluations
 
 
+@dataclass
+class DemoConfig:
+    """The paper's pipeline on the embedded scenes; any other key=value overrides agree.train's config."""
+
+    output_dir: str = "outputs/demo"  # new, empty or a previous demo's
+    overrides: list[str] = field(default_factory=list)  # agree.train overrides (model, data, seed: all steps)
+
+
 def run(out_dir: Path, overrides: list[str]) -> tuple[list[dict], float]:
     """Run the pipeline under ``out_dir``; return the summary rows and the RSUM of chance.
 
     ``out_dir`` must be new, empty or a previous demo's (marked, see ``agree.folders``); that
-    demo's training folder is removed first, so the new training starts afresh.
+    demo's training folder is removed first, so the new training starts afresh. Every config is
+    composed (its overrides checked) before anything is written.
     """
-    claim(out_dir, "demo")
-    shutil.rmtree(out_dir / "train", ignore_errors=True)
     overrides = merge_overrides(SCENES, overrides)
     shared = ["model=scenes_pretrained"] + [
         o for o in overrides if o.split(".")[0].split("=")[0] in EVAL_KEYS
     ]
+    ckpt = out_dir / "train" / "checkpoints" / "last.ckpt"
     with initialize_config_module("agree.conf", version_base="1.3"):
         zero_cfgs = {
             name: compose("evaluate", [f"output_dir={out_dir / 'zero_shot' / name}", *extra, *shared])
             for name, extra in ZERO_SHOT_RUNS.items()
         }
+        train_cfg = compose(
+            "train", ["+experiment=scenes_finetune", f"output_dir={out_dir / 'train'}", *overrides]
+        )
+        tuned_cfg = compose(
+            "evaluate", [f"output_dir={out_dir / 'fine_tuned'}", f"ckpt_path={ckpt}", "rerank=tbr", *shared]
+        )
+        claim(out_dir, "demo")
+        shutil.rmtree(out_dir / "train", ignore_errors=True)
         zero = {name: evaluate(cfg) for name, cfg in zero_cfgs.items()}
         scenes = zero_cfgs["tbr"].data.synthetic
         chance = chance_rsum(scenes.test_images, scenes.captions_per_image)
-        train(
-            compose("train", ["+experiment=scenes_finetune", f"output_dir={out_dir / 'train'}", *overrides])
-        )
-        ckpt = out_dir / "train" / "checkpoints" / "last.ckpt"
-        tuned = evaluate(
-            compose(
-                "evaluate",
-                [f"output_dir={out_dir / 'fine_tuned'}", f"ckpt_path={ckpt}", "rerank=tbr", *shared],
-            )
-        )
+        train(train_cfg)
+        tuned = evaluate(tuned_cfg)
     rows = [summary_row("zero-shot", "none", stage, block) for stage, block in zero_shot_stages(zero).items()]
     return rows + [
         summary_row("fine-tuned", "agree", stage, tuned[stage]) for stage in ("raw", "tbr")
     ], chance
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    out_dir = Path(args[0] if args and "=" not in args[0] else "outputs/demo").resolve()
-    overrides = [a for a in args if "=" in a]
+def run_demo(cfg: DemoConfig) -> None:
+    """Run the demo, print its table and write ``summary.json`` and the report; exit 1 if it failed."""
+    out_dir = Path(cfg.output_dir).resolve()
     start = time.perf_counter()
-    with user_errors():  # a refused folder, a bad override: one line
-        rows, chance = run(out_dir, overrides)
+    rows, chance = run(out_dir, cfg.overrides)
     write_json(out_dir / "summary.json", rows)
     print(format_summary(rows))
     report = write_report(out_dir / "fine_tuned")
@@ -96,6 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"zero-shot RSUM is {rows[0]['rsum'] / chance:.0f} x chance ({chance:.1f}); fine-tuning improved it"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m agree.demo key=value ...`` (default ``sys.argv[1:]``); ``--help`` lists the keys."""
+    run_command("python -m agree.demo", DemoConfig, run_demo, argv)
 
 
 if __name__ == "__main__":

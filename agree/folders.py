@@ -2,10 +2,10 @@
 
 A folder is the project's when it holds ``MARKER``, written when the project claimed it, naming
 the tool and its settings. A tool writes only into a folder that is missing, empty, or marked by
-itself with the same settings; ``python -m agree.folders remove PATH ...`` (``make clean``)
+itself with the same settings; ``python -m agree.folders remove=[PATH,...]`` (``make clean``)
 deletes the given folders that carry a marker and keeps every other one.
 
-    python -m agree.folders remove outputs/demo data/*
+    python -m agree.folders 'remove=[outputs/demo,data/scenes-64px-seed0-train1200]'
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agree.atomic import write_json
+from agree.cli import run_command
 from agree.errors import FolderNotOwnedError
 
 MARKER = ".agree-folder.json"
@@ -105,18 +106,25 @@ def remove_owned(folder: str | os.PathLike) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] != ["remove"]:
-        print(f"usage: python -m agree.folders remove PATH ...  ({__doc__.splitlines()[0]})", file=sys.stderr)
-        return 2
-    for path in args[1:]:
+@dataclass
+class RemoveConfig:
+    """Delete the given folders that the project made (they hold its marker); keep every other one."""
+
+    remove: list[str] = field(default_factory=list)  # the folders to delete if the project made them
+
+
+def _remove(cfg: RemoveConfig) -> None:
+    for path in cfg.remove:
         if remove_owned(path):
             print(f"removed {path}")
         elif Path(path).exists():
             print(f"kept {path} (not made by agree)")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m agree.folders remove=[PATH,...]``; ``--help`` says so."""
+    run_command("python -m agree.folders", RemoveConfig, _remove, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,6 +1,6 @@
 """Pretrain the tiny CLIP on the alt-text corpus: the embedded stand-in for a web-pretrained model.
 
-    python -m agree.pretrain OUT.safetensors [--steps N --seed S ...]
+    python -m agree.pretrain output=OUT.safetensors [steps=N corpus.seed=S ...]    (--help: every key)
 
 The result knows shapes and colours but binds them poorly (see ``agree.data.alt_text``); it is
 what ``model=scenes_pretrained`` loads (``agree/model/weights/``). Deterministic per seed on a
@@ -10,8 +10,6 @@ back to fp32 on loading) and the command prints their SHA-256.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import hashlib
 import sys
 import time
@@ -19,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from omegaconf import MISSING
 from safetensors.torch import save_file
 
 from agree.atomic import atomic_path
+from agree.cli import run_command
 from agree.data.alt_text import AltTextConfig, batch
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
 from agree.model.losses import contrastive_loss
@@ -91,20 +91,21 @@ def sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@dataclass(frozen=True)
+class PretrainCommand(PretrainConfig):
+    """Pretrain the tiny CLIP on the alt-text corpus; write fp16 safetensors to output, print the SHA-256."""
+
+    output: str = MISSING  # the weights file to write (.safetensors)
+
+
+def _pretrain(cfg: PretrainCommand) -> None:
+    digest = save_weights(pretrain(cfg, log_every=100), cfg.output)
+    print(f"wrote {cfg.output}  sha256 {digest}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path, help="weights file to write (.safetensors)")
-    for f in dataclasses.fields(AltTextConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    for f in dataclasses.fields(PretrainConfig):
-        if f.name != "corpus":
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    corpus = AltTextConfig(**{f.name: args.pop(f.name) for f in dataclasses.fields(AltTextConfig)})
-    cfg = PretrainConfig(corpus=corpus, **args)
-    digest = save_weights(pretrain(cfg, log_every=100), out)
-    print(f"wrote {out}  sha256 {digest}")
+    """``python -m agree.pretrain output=FILE key=value ...``; ``--help`` lists the keys."""
+    run_command("python -m agree.pretrain", PretrainCommand, _pretrain, argv)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,24 @@
 """The paper's experiment on the embedded scenes, over seeds; writes docs/results.md.
 
-    python -m agree.study [--out outputs/study] [--doc docs/results.md] [--seeds 0 1 2] [key=value ...]
+    python -m agree.study [output_dir=outputs/study] [doc=docs/results.md] ['seeds=[0,1,2]'] [key=value ...]
 
 Per seed s (the scenes data and the training are both seeded with s):
 - zero-shot: the pretrained tiny model (``model=scenes_pretrained``), raw / EGR / TBR / EGR + TBR
   (k = 20) on the test split;
 - fine-tuning (``+experiment=scenes_finetune``) with the CLIP loss only and with all six AGREE
-  losses, at every learning rate of ``--lrs``; each method's rate is the one with the best mean
+  losses, at every learning rate of ``lrs``; each method's rate is the one with the best mean
   validation RSUM over the seeds, and its runs are reported on the test split, raw and TBR (k = 10);
 - the ablation: AGREE without each loss, at AGREE's chosen rate.
 
-Every run keeps its outputs under ``--out`` and is skipped when run again (its ``record.json``
-exists), so an interrupted study resumes. Extra ``key=value`` overrides go to every training
-and evaluation (e.g. ``data.synthetic.train_images=300``). The page is made by
+Every run keeps its outputs under ``output_dir`` and is skipped when run again (its
+``record.json`` exists), so an interrupted study resumes. Every ``key=value`` argument naming none
+of the study's keys (``--help`` lists them) is an override for every training and evaluation
+(e.g. ``data.synthetic.train_images=300``; see ``agree.cli``). The page is made by
 ``agree.study_report`` from the records alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -27,6 +27,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,8 +35,9 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from agree.atomic import atomic_path, write_json
-from agree.cli import user_errors
+from agree.cli import run_command
 from agree.config import loss_weights_preset, merge_overrides
+from agree.errors import ConfigError
 from agree.evaluate import evaluate
 from agree.folders import claim
 from agree.study_report import results_page
@@ -48,6 +50,19 @@ SCENES = [  # the study's data size (every split), for every run; key=value argu
     "data.synthetic.val_images=60",
     "data.synthetic.test_images=100",
 ]
+
+
+@dataclass
+class StudyConfig:
+    """The seeded study on the embedded scenes; any other key=value overrides every run's config."""
+
+    output_dir: str = "outputs/study"  # every run's outputs (new, empty or a previous study's)
+    doc: str = "docs/results.md"  # the page to write
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4])  # learning rates tried per method
+    drop: list[str] = field(default_factory=lambda: list(LOSSES))  # the losses to ablate
+    render_only: bool = False  # rewrite doc from output_dir/study.json, running nothing
+    overrides: list[str] = field(default_factory=list)  # for every training and evaluation
 
 
 def logged_losses(metrics_csv: Path) -> dict[str, dict[str, float]]:
@@ -139,9 +154,14 @@ def choose_lr(records: list[dict], losses: str) -> float:
 
 
 def run_study(out: Path, seeds: list[int], lrs: list[float], drops: list[str], overrides: list[str]) -> dict:
-    """Every run of the study (cached under ``out``); returns all records."""
+    """Every run of the study (cached under ``out``); returns all records.
+
+    ``out`` is claimed (see ``agree.folders``) once Hydra has accepted the overrides.
+    """
     with initialize_config_module("agree.conf", version_base="1.3"):
         scenes = compose("evaluate", overrides).data.synthetic
+        compose("train", ["+experiment=scenes_finetune", *overrides])  # a bad override: before any write
+        claim(out, "study")  # a user's folder is refused: its run folders are cleared on a rerun
         zero = [zero_shot(out / f"seed{s}" / "zero_shot", s, overrides) for s in seeds]
         tuned = [
             fine_tune(out / f"seed{s}" / f"{losses}_lr{lr:g}", s, losses, lr, None, overrides)
@@ -190,33 +210,29 @@ def write_page(doc: Path, records: dict, meta: dict) -> None:
     print(f"wrote {doc}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("outputs/study"))
-    parser.add_argument("--doc", type=Path, default=Path("docs/results.md"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4])
-    parser.add_argument("--drop", nargs="*", default=list(LOSSES), choices=LOSSES, help="losses to ablate")
-    parser.add_argument(
-        "--render-only", action="store_true", help="rewrite --doc from --out/study.json, running nothing"
-    )
-    argv = sys.argv[1:] if argv is None else argv
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_args([a for a in argv if a not in overrides])
-    overrides = merge_overrides(SCENES, overrides)
-    if args.render_only:
-        saved = json.loads((args.out / "study.json").read_text())
-        write_page(args.doc, saved, saved.pop("meta"))
+def study(cfg: StudyConfig, command: str) -> None:
+    """Run (or, with ``render_only``, only render) the study and write its page; ``command`` is recorded."""
+    out, doc = Path(cfg.output_dir), Path(cfg.doc)
+    unknown = [name for name in cfg.drop if name not in LOSSES]
+    if unknown:
+        raise ConfigError(f"drop: {unknown[0]!r} is not a loss; choose among {', '.join(LOSSES)}")
+    if cfg.render_only:
+        saved = json.loads((out / "study.json").read_text())
+        write_page(doc, saved, saved.pop("meta"))
         return
-    command = "python -m agree.study " + " ".join(argv)
     start = time.perf_counter()
-    with user_errors():  # e.g. --out naming a user's folder: its run folders are cleared on a rerun
-        claim(args.out, "study")
-        records = run_study(args.out.resolve(), args.seeds, args.lrs, args.drop, overrides)
-    meta = {"command": command.strip(), "machine": machine(), "wall_seconds": time.perf_counter() - start}
-    write_json(args.out / "study.json", {**records, "meta": meta})
-    write_page(args.doc, records, meta)
+    records = run_study(out.resolve(), cfg.seeds, cfg.lrs, cfg.drop, merge_overrides(SCENES, cfg.overrides))
+    meta = {"command": command, "machine": machine(), "wall_seconds": time.perf_counter() - start}
+    write_json(out / "study.json", {**records, "meta": meta})
+    write_page(doc, records, meta)
     print(f"study finished in {meta['wall_seconds'] / 60:.1f} min")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m agree.study key=value ...`` (default ``sys.argv[1:]``); ``--help`` lists the keys."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m agree.study", *argv])
+    run_command("python -m agree.study", StudyConfig, lambda cfg: study(cfg, command), argv)
 
 
 if __name__ == "__main__":

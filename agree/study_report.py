@@ -145,7 +145,7 @@ def _ablated(weights: dict[str, float], ablation: list[dict]) -> str:
     done = list(dict.fromkeys(r["drop"] for r in ablation))
     missing = [name for name in weights if name not in done]
     return f"Ablated: {', '.join(done) or 'none'}." + (
-        f" Not ablated in this run: {', '.join(missing)} (`--drop`)." if missing else ""
+        f" Not ablated in this run: {', '.join(missing)} (`drop`)." if missing else ""
     )
 
 
@@ -166,7 +166,7 @@ def results_page(study: dict, meta: dict) -> str:
         f"- command: `{meta['command']}`",
         f"- machine: {meta['machine']}",
         f"- wall time: {meta['wall_seconds'] / 60:.1f} min for this invocation (runs already done under "
-        "`--out` are reused) "
+        "`output_dir` are reused) "
         f"(fine-tuning runs: {sum(r['train_seconds'] for r in tuned + ablation) / 60:.1f} min in all)",
         f"- data: the embedded scenes, {sc['train_images']} train / {sc['val_images']} val / "
         f"{sc['test_images']} test images, {sc['captions_per_image']} captions each, "

@@ -3,9 +3,9 @@
     python scripts/bench_retrieval.py [--skip-large]
 
 (a) 1,000 images x 5,000 captions x 10 entity slots, 768-d, features in memory: wall time of
-    every `rerank` option in both directions, against the readable per-query loops of the test
-    suite (timed on a subset of queries and extrapolated), loading the reference JSONL files, and
-    the start-up of an evaluation from feature files.
+    every `rerank` option in both directions, against the readable per-query loops of
+    `agree.retrieval.reference_loops` (timed on a subset of queries and extrapolated), loading the
+    reference JSONL files, and the start-up of an evaluation from feature files.
 (b) 100,000 images x 500,000 captions, 256-d: exact top-10 in both directions, peak memory, one
     pass against two per-direction searches.
 (c) how the top-10 time grows with the gallery (3 sizes), one pass against two searches.
@@ -32,8 +32,8 @@ from agree.data.feature_files import (  # noqa: E402
     write_feature_jsonl,
 )
 from agree.retrieval.pipeline import EntityFeatures, rank_stages  # noqa: E402
+from agree.retrieval.reference_loops import loop_egr_i2t, loop_egr_t2i, loop_tbr  # noqa: E402
 from agree.retrieval.search import topk_both, topk_similarity  # noqa: E402
-from tests.test_rerank import loop_egr_i2t, loop_egr_t2i, loop_tbr  # noqa: E402
 
 OPTIONS = {"none": [], "tbr": ["tbr"], "egr": ["egr"], "egr_tbr": ["egr", "tbr"]}
 
@@ -63,7 +63,7 @@ def best_of(fn, repeats=3) -> float:
 
 
 def loop_seconds(texts, images, entities, k=10, depth=128, sample=4) -> dict[str, float]:
-    """The test suite's per-query loops on ``sample`` queries per direction, scaled to all queries."""
+    """The per-query reference loops on ``sample`` queries per direction, scaled to all queries."""
     e = entities
     start = time.perf_counter()
     loop_egr_t2i(texts[:sample], images, e.prompts[:sample], e.masks[:sample], e.valid[:sample], k, depth)
@@ -91,7 +91,7 @@ def section_a() -> None:
     loops = loop_seconds(texts, images, entities)
     loop_total = loops["egr"] + loops["tbr"]
     print(
-        f"    per-query loops (tests, extrapolated): EGR {loops['egr']:.0f} s + TBR {loops['tbr']:.2f} s; "
+        f"    per-query reference loops (extrapolated): EGR {loops['egr']:.0f} s + TBR {loops['tbr']:.2f} s; "
         f"egr_tbr is {loop_total / timings['egr_tbr']:.0f}x faster"
     )
     with tempfile.TemporaryDirectory() as tmp:

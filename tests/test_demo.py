@@ -16,7 +16,7 @@ SMALL = [
 def test_demo_writes_the_paper_table(tmp_path, capsys):
     out = tmp_path / "demo"
     try:
-        demo.main([str(out), f"data.root={tmp_path / 'scenes'}", *SMALL])
+        demo.main([f"output_dir={out}", f"data.root={tmp_path / 'scenes'}", *SMALL])
     except SystemExit as e:  # a 3-step fine-tuning need not beat zero-shot; the table is still written
         assert "did not show what it should" in str(e)
     rows = json.loads((out / "summary.json").read_text())

@@ -302,24 +302,24 @@ def test_huge_images_are_refused_before_decoding(tmp_path, side):
 
 
 def test_the_demo_and_generator_commands_refuse_in_one_line(tmp_path, monkeypatch):
-    """``python -m agree.demo DIR`` and ``python -m agree.data.synthetic DIR`` on a user's folder: one
-    line (no traceback), nothing changed."""
+    """``python -m agree.demo output_dir=DIR`` and ``python -m agree.data.synthetic root=DIR`` on a user's
+    folder: one line (no traceback), nothing changed."""
     from agree.data import synthetic
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     (tmp_path / "DIR").mkdir()
     (tmp_path / "DIR" / "notes.txt").write_text("mine")
     before = files(tmp_path / "DIR")
-    for command in (demo.main, synthetic.main):
+    for command, key in ((demo.main, "output_dir"), (synthetic.main, "root")):
         with pytest.raises(SystemExit) as stop:
-            command([str(tmp_path / "DIR")])
+            command([f"{key}={tmp_path / 'DIR'}"])
         message = str(stop.value)
         assert message.startswith("error: ") and "\n" not in message and "not made by agree" in message
     assert files(tmp_path / "DIR") == before
 
 
 def test_the_study_works_only_in_its_own_folder(tmp_path, monkeypatch):
-    """``agree.study --out DIR`` clears its run folders on a rerun, so a user's DIR is refused first."""
+    """``agree.study output_dir=DIR`` clears its run folders on a rerun, so a user's DIR is refused first."""
     from agree import study
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
@@ -327,7 +327,7 @@ def test_the_study_works_only_in_its_own_folder(tmp_path, monkeypatch):
     (tmp_path / "DIR" / "seed0" / "results.csv").write_text("mine")
     before = files(tmp_path / "DIR")
     with pytest.raises(SystemExit, match="^error: .*not made by agree study"):
-        study.main(["--out", str(tmp_path / "DIR"), "--doc", str(tmp_path / "page.md"), "--seeds", "0"])
+        study.main([f"output_dir={tmp_path / 'DIR'}", f"doc={tmp_path / 'page.md'}", "seeds=[0]"])
     assert files(tmp_path / "DIR") == before and not (tmp_path / "page.md").exists()
 
 

@@ -107,7 +107,7 @@ def test_page_holds_every_row_with_mean_and_std():
     assert "these margin losses are (almost) zero: `text_mask`" in page
     assert "- Ablation: removing `prompt` hurts (-9.0 ± 1.0 RSUM against full AGREE)." in page
     assert "raw RSUM 70.0 against 30.0 for a random ranking" in page
-    assert "Ablated: prompt. Not ablated in this run: clip, text_mask (`--drop`)." in page
+    assert "Ablated: prompt. Not ablated in this run: clip, text_mask (`drop`)." in page
 
 
 def test_chance_rsum_matches_a_random_ranking():
@@ -151,8 +151,8 @@ def test_demo_problems_name_what_failed():
 def test_render_only_rewrites_the_page_from_saved_records(tmp_path):
     from agree.study import main
 
-    meta = {"command": "python -m agree.study --seeds 0 1 2", "machine": "test", "wall_seconds": 600}
+    meta = {"command": "python -m agree.study seeds=[0,1,2]", "machine": "test", "wall_seconds": 600}
     (tmp_path / "study.json").write_text(json.dumps({**study(), "meta": meta}))
-    main(["--out", str(tmp_path), "--doc", str(tmp_path / "results.md"), "--render-only"])
+    main([f"output_dir={tmp_path}", f"doc={tmp_path / 'results.md'}", "render_only=true"])
     page = (tmp_path / "results.md").read_text()
-    assert "`python -m agree.study --seeds 0 1 2`" in page and "10.0 min for this invocation" in page
+    assert "`python -m agree.study seeds=[0,1,2]`" in page and "10.0 min for this invocation" in page

@@ -59,19 +59,13 @@ def test_binding_groups_make_hard_negatives(scenes):
 def test_cli_writes_dataset(tmp_path):
     synthetic.main(
         [
-            str(tmp_path / "cli"),
-            "--seed",
-            "1",
-            "--train-images",
-            "6",
-            "--val-images",
-            "3",
-            "--test-images",
-            "3",
-            "--vg-images-per-word",
-            "1",
-            "--image-size",
-            "32",
+            f"root={tmp_path / 'cli'}",
+            "seed=1",
+            "train_images=6",
+            "val_images=3",
+            "test_images=3",
+            "vg_images_per_word=1",
+            "image_size=32",
         ]
     )
     images = NpzImages(tmp_path / "cli/annotation/flickr30k_test_images.npz", 32)

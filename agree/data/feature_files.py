@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
 import orjson
+from numpy.typing import ArrayLike
 
 from agree.atomic import atomic_path, write_json, write_npy
 from agree.data.json_lines import check_fields, check_unique, decode_utf8, json_id, parse_id, show
@@ -145,9 +145,7 @@ def write_feature_jsonl(
             )
 
 
-def save_features(
-    directory: str | os.PathLike, name: str, ids: list[str], features: ArrayLike
-) -> None:
+def save_features(directory: str | os.PathLike, name: str, ids: list[str], features: ArrayLike) -> None:
     """Write ``NAME.npy`` (float32 [N, ...]) and ``NAME.ids.json`` (N ids) atomically."""
     features = np.asarray(features, dtype=np.float32)
     if len(ids) != len(features):

@@ -5,12 +5,11 @@ which shape and where ("a red circle left of a blue square"). Scenes come in *bi
 images with the same shapes and colours bound differently, so a bag of words cannot tell them
 apart and entity binding matters. Everything is deterministic per seed.
 
-    python -m agree.data.synthetic OUT_DIR --seed 0 --image-size 64
+    python -m agree.data.synthetic root=OUT_DIR [seed=0 image_size=64 ...]    (--help: every key)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -19,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import MISSING
 from PIL import Image, ImageDraw
 
 from agree.atomic import write_json, write_jsonl, write_npz
+from agree.cli import run_command
 from agree.data.layout import ReleaseLayout
 from agree.data.pixels import OPENAI_MEAN, OPENAI_STD, normalise
 from agree.folders import check_claim, claim
@@ -302,21 +303,26 @@ def ensure_generated(out_dir: str | Path, cfg: SceneConfig) -> ReleaseLayout:
     return generate(out_dir, cfg)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path)
-    for field in dataclasses.fields(SceneConfig):
-        kind = (
-            {"nargs": 3, "type": float} if isinstance(field.default, tuple) else {"type": type(field.default)}
-        )
-        parser.add_argument(f"--{field.name.replace('_', '-')}", default=field.default, **kind)
-    args = vars(parser.parse_args(argv))
-    out_dir = args.pop("out_dir")
-    from agree.cli import user_errors  # here: agree.cli imports the checks, which import this module
+@dataclass(frozen=True)
+class GenerateConfig(SceneConfig):
+    """Write the embedded scenes dataset under root: a new, empty or scenes folder of the same keys."""
 
-    with user_errors():
-        generate(out_dir, SceneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}))
-    print(f"wrote the scenes dataset to {out_dir}", file=sys.stderr)
+    root: str = MISSING  # the folder to write (the keys below are SceneConfig's)
+
+    def scenes(self) -> SceneConfig:
+        """The dataset's parameters, without ``root`` (lists, as the command line gives them, as tuples)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(SceneConfig)}
+        return SceneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _generate(cfg: GenerateConfig) -> None:
+    generate(cfg.root, cfg.scenes())
+    print(f"wrote the scenes dataset to {cfg.root}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m agree.data.synthetic root=DIR key=value ...``; ``--help`` lists the keys."""
+    run_command("python -m agree.data.synthetic", GenerateConfig, _generate, argv)
 
 
 if __name__ == "__main__":
