@@ -19,7 +19,7 @@ import html
 import io
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +32,10 @@ from agree.data.evaluation_files import read_predictions
 from agree.data.feature_files import load_features
 from agree.data.json_lines import canonical_id
 from agree.data.npz_images import NpzImages
-from agree.data.pixels import CLIP_MEAN, CLIP_STD
+from agree.data.pixels import thumbnail
 from agree.data.records import TestImage, TestText, read_test_images, read_test_texts
-from agree.evaluate import DIRECTIONS, ground_truth
-from agree.retrieval.metrics import DIRECTIONS as SHORT  # {"t2i": "text_to_image", ...}
-from agree.retrieval.metrics import recall_at_k
+from agree.retrieval.ground_truth import ground_truth
+from agree.retrieval.metrics import DIRECTIONS, SHORT, recall_at_k
 from agree.retrieval.search import topk_similarity
 
 ARROWS = {"text_to_image": "text → image", "image_to_text": "image → text"}
@@ -44,7 +43,7 @@ CURVE_K = 20  # recall@k curves for k = 1..CURVE_K
 TOP = 5  # items shown per query and stage
 THUMBNAIL = 96  # px
 REPORT_INPUTS = "report_inputs.json"  # written by agree.evaluate
-VAL_COLUMNS = [*(f"{short}_r{k}" for short in SHORT for k in (1, 5, 10)), "rsum"]  # as val/<column>
+VAL_COLUMNS = [*(f"{SHORT[d]}_r{k}" for d in DIRECTIONS for k in (1, 5, 10)), "rsum"]  # as val/<column>
 
 
 class ReportError(ValueError):
@@ -53,16 +52,6 @@ class ReportError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # images
-
-
-def thumbnail(
-    image: np.ndarray, size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
-) -> Image.Image:
-    """An RGB picture of a normalised [3, S, S] array (``mean``/``std``), resized to ``size`` × ``size``."""
-    mean, std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
-    pixels = np.asarray(image, dtype=np.float32).transpose(1, 2, 0) * std + mean
-    picture = Image.fromarray((pixels.clip(0, 1) * 255).round().astype(np.uint8))
-    return picture.resize((size, size), Image.Resampling.LANCZOS)
 
 
 def data_uri(png: bytes) -> str:
@@ -395,8 +384,8 @@ def validation_history(path: Path) -> list[dict[str, float]]:
 def as_results(metrics: dict[str, float]) -> dict:
     """``val/t2i_r1``-style metrics as a results block of ``agree.evaluate``."""
     block = {}
-    for short, d in SHORT.items():
-        recall = {f"r{k}": metrics[f"val/{short}_r{k}"] for k in (1, 5, 10)}
+    for d in DIRECTIONS:
+        recall = {f"r{k}": metrics[f"val/{SHORT[d]}_r{k}"] for k in (1, 5, 10)}
         block[d] = {**recall, "mean_recall": sum(recall.values()) / 3}
     return {**block, "rsum": metrics["val/rsum"]}
 
@@ -415,8 +404,8 @@ def training_sections(directory: Path) -> list[str]:
         ]
     steps = [row["step"] for row in history]
     panels = {
-        ARROWS[d]: {f"R@{k}": (steps, [row[f"val/{short}_r{k}"] for row in history]) for k in (1, 5, 10)}
-        for short, d in SHORT.items()
+        ARROWS[d]: {f"R@{k}": (steps, [row[f"val/{SHORT[d]}_r{k}"] for row in history]) for k in (1, 5, 10)}
+        for d in DIRECTIONS
     }
     png = line_plot(panels, "step", "recall (%)", directory / "val_metrics.png")
     head = "".join(f"<th>{c}</th>" for c in ("epoch", "step", *VAL_COLUMNS))

@@ -10,10 +10,9 @@ import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from agree.data.pixels import OPENAI_MEAN, OPENAI_STD
-from agree.data.synthetic import normalise
+from agree.data.pixels import OPENAI_MEAN, OPENAI_STD, normalise, thumbnail
 from agree.evaluate import evaluate
-from agree.report import CURVE_K, TOP, load_evaluation, main, recall_curves, thumbnail, write_report
+from agree.report import CURVE_K, TOP, load_evaluation, main, recall_curves, write_report
 
 from .test_progress_and_wandb import SCENES
 
