@@ -9,9 +9,9 @@ evaluation JSON per stage and direction), ``results.json`` and ``report_inputs.j
 ``agree.report`` finds the annotations and test images). They are written into a hidden staging
 folder first and replace an earlier evaluation's outputs as a set (``agree.atomic.replace_as_set``).
 
-The file names are ``agree.data.evaluation_files``'; feature extraction is ``agree.retrieval.extraction``
-(which imports model, dataset and Lightning code only when it extracts, so an evaluation from feature
-files starts without loading it).
+The output files are described in ``agree.data.evaluation_files``; features are extracted by
+``agree.retrieval.extraction``, which imports model, dataset and Lightning code only when it
+extracts, so an evaluation from feature files starts without loading it.
 """
 
 from __future__ import annotations
