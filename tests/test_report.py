@@ -120,6 +120,15 @@ def test_cli_prints_the_path_and_names_what_it_expected(evaluated, tmp_path, cap
         main([f"directory={tmp_path}"])
 
 
+def test_cli_help_lists_its_keys_and_a_wrong_key_is_one_line(capsys):
+    main(["--help"])
+    assert capsys.readouterr().out.splitlines()[-3:] == ["  directory=???", "  queries=6", "  seed=0"]
+    with pytest.raises(SystemExit, match=r"^config error: .*queries.*"):
+        main(["directory=.", "queries=six"])
+    with pytest.raises(SystemExit, match="unknown key 'query'"):
+        main(["directory=.", "query=6"])
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
