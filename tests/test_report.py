@@ -14,8 +14,8 @@ from agree.data.pixels import OPENAI_MEAN, OPENAI_STD, normalise, thumbnail
 from agree.evaluate import evaluate
 from agree.report import write_report
 from agree.report.__main__ import main
-from agree.report.html import TOP
 from agree.report.load import CURVE_K, load_evaluation, recall_curves
+from agree.report.page import TOP
 
 from .test_progress_and_wandb import SCENES
 

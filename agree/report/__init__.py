@@ -9,11 +9,12 @@ highlighted and each item's rank change against the raw search. For an ``agree.t
 (``metrics.json``): the final validation metrics and their history from ``csv/metrics.csv``
 (plot saved as ``val_metrics.png``). Writes ``DIR/report.html`` (images inlined as data URIs).
 
-``load`` reads the outputs, ``plots`` draws, ``html`` makes the page, ``pages`` puts the two kinds
-of report together; ``table`` is the plain-text recall table that ``agree.evaluate`` prints.
+``load`` reads the outputs, ``plots`` draws, ``page`` makes the HTML (named so as not to shadow the
+standard ``html`` it uses), ``write`` puts the two kinds of report together; ``table`` is the
+plain-text recall table that ``agree.evaluate`` prints.
 """
 
 from agree.report.load import ReportError
-from agree.report.pages import write_report
+from agree.report.write import write_report
 
 __all__ = ["ReportError", "write_report"]

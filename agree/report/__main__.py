@@ -9,7 +9,7 @@ from omegaconf import MISSING
 from agree.cli import run_command
 from agree.errors import one_line
 from agree.report.load import ReportError
-from agree.report.pages import write_report
+from agree.report.write import write_report
 
 
 @dataclass

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from agree.atomic import atomic_path
 from agree.data.evaluation_files import EvaluationFiles
-from agree.report.html import ARROWS, Thumbnails, examples, page, plot_tag, recall_table, stage_label
 from agree.report.load import (
     CURVE_K,
     ReportError,
@@ -17,6 +16,7 @@ from agree.report.load import (
     recall_curves,
     validation_history,
 )
+from agree.report.page import ARROWS, Thumbnails, examples, page, plot_tag, recall_table, stage_label
 from agree.report.plots import line_plot
 from agree.retrieval.metrics import DIRECTIONS, SHORT
 
