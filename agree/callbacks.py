@@ -10,8 +10,8 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig
 
 from agree.data.datasets import Tokenizer, ValImages
+from agree.data.pixels import thumbnail
 from agree.model.clip import encode_image, encode_text
-from agree.report import thumbnail
 
 
 def configured_callbacks(

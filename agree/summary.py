@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+from agree.retrieval import metrics
+
 RECALLS = ("r1", "r5", "r10", "mean_recall")
 # Zero-shot evaluations (output name: agree.evaluate overrides): TBR on the raw lists, and on EGR's.
 ZERO_SHOT_RUNS = {"tbr": ["rerank=tbr", "rerank.k=20"], "egr_tbr": ["rerank=egr_tbr"]}
 # The paper's column order: image-to-text (text retrieval) first, then text-to-image.
-DIRECTIONS = ("image_to_text", "text_to_image")
-SHORT = {"image_to_text": "I2T", "text_to_image": "T2I"}
+DIRECTIONS = metrics.DIRECTIONS[::-1]
+SHORT = {d: metrics.SHORT[d].upper() for d in DIRECTIONS}  # "I2T", "T2I"
 
 
 def zero_shot_stages(results: dict[str, dict]) -> dict[str, dict]:

@@ -41,7 +41,6 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from agree import evaluate  # noqa: E402
 from agree.config import allow_tf32, ensure_data, loss_weights_preset  # noqa: E402
 from agree.data.datamodule import AgreeDataModule  # noqa: E402
 from agree.data.datasets import inputs_for  # noqa: E402
@@ -49,6 +48,7 @@ from agree.data.layout import ReleaseLayout  # noqa: E402
 from agree.data.records import read_test_images, read_test_texts  # noqa: E402
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer  # noqa: E402
 from agree.model.module import agree_losses  # noqa: E402
+from agree.retrieval import extraction  # noqa: E402
 
 WEIGHTS = {"agree": loss_weights_preset("agree"), "clip": loss_weights_preset("clip")}
 # (model group, open_clip name without QuickGELU: random weights), image size, batch, batch sizes for (d)
@@ -139,7 +139,7 @@ def bench_extraction(layout, cfg, device) -> dict:
     texts, images = read_test_texts(layout.test_texts), read_test_images(layout.test_images)
     sync(device)
     start = time.perf_counter()
-    evaluate.model_features(cfg, texts, images, None, layout)
+    extraction.model_features(cfg, texts, images, None, layout)
     sync(device)
     path = time.perf_counter() - start
     model = create_clip(cfg.model.name).to(device).eval()

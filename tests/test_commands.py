@@ -8,6 +8,7 @@ import pytest
 
 from agree import cli, demo, folders, pretrain, study
 from agree.data import synthetic
+from agree.report.__main__ import main as report_main
 
 REPO = Path(__file__).resolve().parents[1]
 # the demo and the study hand an argument naming none of their keys to Hydra
@@ -24,6 +25,7 @@ COMMANDS = {  # command -> (main, keys its --help must show, as they are typed)
     "python -m agree.pretrain": (pretrain.main, ["output=???", "corpus.seed=0", "steps=1500", "lr=0.001"]),
     "python -m agree.data.synthetic": (synthetic.main, ["root=???", "image_size=64", "mean=[0.48145466,"]),
     "python -m agree.folders": (folders.main, ["remove=[]"]),
+    "python -m agree.report": (report_main, ["directory=???", "queries=6", "seed=0"]),
 }
 SCRIPTS = {
     "agree-train",

@@ -27,9 +27,10 @@ from agree.data.datasets import CollateTrain, random_square
 from agree.data.pixels import black
 from agree.data.records import read_test_images, read_test_texts, read_text_segs
 from agree.errors import ConfigError
-from agree.evaluate import entity_texts, evaluate, model_features
+from agree.evaluate import evaluate
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
 from agree.model.module import agree_losses
+from agree.retrieval.extraction import entity_texts, model_features
 from agree.train import train
 
 from .test_cli import SMALL, config

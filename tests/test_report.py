@@ -10,10 +10,12 @@ import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from agree.data.pixels import OPENAI_MEAN, OPENAI_STD
-from agree.data.synthetic import normalise
+from agree.data.pixels import OPENAI_MEAN, OPENAI_STD, normalise, thumbnail
 from agree.evaluate import evaluate
-from agree.report import CURVE_K, TOP, load_evaluation, main, recall_curves, thumbnail, write_report
+from agree.report import write_report
+from agree.report.__main__ import main
+from agree.report.load import CURVE_K, load_evaluation, recall_curves
+from agree.report.page import TOP
 
 from .test_progress_and_wandb import SCENES
 
@@ -107,15 +109,24 @@ def test_training_run_report(tmp_path):
 
 def test_cli_prints_the_path_and_names_what_it_expected(evaluated, tmp_path, capsys):
     out, _ = evaluated
-    main([str(out)])
+    main([f"directory={out}"])
     assert capsys.readouterr().out.strip() == str(out / "report.html")
     with pytest.raises(
         SystemExit, match=r"expected results.json \(an agree.evaluate output\) or metrics.json"
     ):
-        main([str(tmp_path)])
+        main([f"directory={tmp_path}"])
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(SystemExit, match="report_inputs.json: not found"):
-        main([str(tmp_path)])
+        main([f"directory={tmp_path}"])
+
+
+def test_cli_help_lists_its_keys_and_a_wrong_key_is_one_line(capsys):
+    main(["--help"])
+    assert capsys.readouterr().out.splitlines()[-3:] == ["  directory=???", "  queries=6", "  seed=0"]
+    with pytest.raises(SystemExit, match=r"^config error: .*queries.*"):
+        main(["directory=.", "queries=six"])
+    with pytest.raises(SystemExit, match="unknown key 'query'"):
+        main(["directory=.", "query=6"])
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

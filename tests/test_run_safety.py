@@ -228,7 +228,7 @@ def test_an_evaluation_killed_mid_write_leaves_the_previous_set(scenes, tmp_path
             raise KeyboardInterrupt  # a kill in the middle of the predictions
         return atomic.write_jsonl(*args, **kwargs)
 
-    monkeypatch.setattr("agree.evaluate.write_jsonl", dies_on_the_third_file)
+    monkeypatch.setattr("agree.data.evaluation_files.write_jsonl", dies_on_the_third_file)
     with pytest.raises(KeyboardInterrupt):
         evaluate(evaluation(out, scenes, "seed=1"))
     assert files(out) == before

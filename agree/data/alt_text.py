@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agree.data.synthetic import COLORS, SHAPES, SceneObject, normalise, render
+from agree.data.pixels import normalise
+from agree.data.synthetic import COLORS, SHAPES, SceneObject, render
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from agree.data.entities import PROMPT_TEMPLATE
+from agree.data.entities import PROMPT_TEMPLATE, kept_entities, slot_mask
 from agree.data.npz_images import NpzImages
 from agree.data.pixels import black
 from agree.data.records import NO_GROUNDING_LABEL, TrainRecord, ValRecord
@@ -159,7 +159,7 @@ class TrainCaptions(Dataset):
         return len(self.records)
 
     def entities(self, record: TrainRecord) -> list[str]:
-        return [s for s in record.segs if len(s.split(" ")) <= self.max_entity_words][: self.max_entities]
+        return kept_entities(record.segs, self.max_entity_words, self.max_entities)
 
     def _vg_draw(self, record: TrainRecord, generator: torch.Generator) -> tuple[str, str] | None:
         """A random (word, VG image id) among the image's objects that have VG images."""
@@ -271,19 +271,19 @@ class CollateTrain:
             "caption_keys": torch.tensor([text_key(it["caption"]) for it in items]),
         }
         if "entities" in items[0]:
-            valid = torch.zeros(len(items), self.max_entities, dtype=torch.bool)
-            keys = torch.full((len(items), self.max_entities), -1, dtype=torch.long)
-            prompts, masked = [], []
-            for i, it in enumerate(items):
+            prompts, masked, entities, counts = [], [], [], []
+            for it in items:
                 item_prompts, item_masked = slot_texts(
                     it["caption"], it["entities"], self.max_entities, **self.slot_options
                 )
                 n = len(item_prompts)
-                entities = (it["entities"][:n] + [""] * n)[:n]  # padding slots hold ""
-                valid[i, :n] = True
-                keys[i, :n] = torch.tensor([text_key(e) for e in entities], dtype=torch.long)
+                counts.append(n)
+                entities += (it["entities"][:n] + [""] * n)[:n]  # padding slots hold ""
                 prompts += item_prompts
                 masked += item_masked
+            valid = slot_mask(counts, self.max_entities)
+            keys = torch.full(valid.shape, -1, dtype=torch.long)
+            keys[valid] = torch.tensor([text_key(e) for e in entities], dtype=torch.long)
             batch["entity_valid"], batch["entity_keys"] = valid, keys
             for name, texts in (("prompts", prompts), ("masked_captions", masked)):
                 if name in self.needs:

@@ -1,13 +1,104 @@
-"""The release's evaluation outputs: prediction lines (written and read back) and evaluation JSON."""
+"""An evaluation's output folder: its file names (one description, for ``agree.evaluate`` that writes
+them and ``agree.report`` that reads them), the release's prediction lines (written and read back)
+and evaluation JSON, and where the report finds the annotations and test images.
+
+    features/             binary feature store (FEATURE_NAMES; entity ones only with entity features)
+    predictions/          {stage}_{direction}.jsonl, the release's prediction lines
+    evaluation/           {stage}_{direction}.json, the release's evaluation files
+    report_inputs.json    see ``report_inputs``
+    results.json          recalls per stage and direction; written last, it marks a finished evaluation
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from numpy.typing import ArrayLike
+
+from agree.atomic import write_json, write_jsonl
+from agree.data.feature_files import save_features
 from agree.data.json_lines import check_fields, check_unique, checked_rows, json_id, parse_id, parse_id_list
+from agree.data.layout import ReleaseLayout
 from agree.errors import DataFormatError
+
+FEATURES, PREDICTIONS, EVALUATION = "features", "predictions", "evaluation"
+REPORT_INPUTS, RESULTS = "report_inputs.json", "results.json"
+OUTPUTS = (FEATURES, PREDICTIONS, EVALUATION, REPORT_INPUTS, RESULTS)  # replaced as a set, RESULTS last
+# the feature store's entries: texts and images, then the entity slots of each text query
+FEATURE_NAMES = ("texts", "images", "entity_prompts", "entity_masks", "entity_valid")
+# a direction's prediction lines rank by the id of its queries
+QUERY_ID_KEY = {"text_to_image": "query_id", "image_to_text": "image_id"}
+
+
+@dataclass(frozen=True)
+class EvaluationFiles:
+    """Where an evaluation's outputs lie under its folder ``root``."""
+
+    root: Path
+
+    @property
+    def features(self) -> Path:
+        return self.root / FEATURES
+
+    def predictions(self, stage: str, direction: str) -> Path:
+        return self.root / PREDICTIONS / f"{stage}_{direction}.jsonl"
+
+    def evaluation(self, stage: str, direction: str) -> Path:
+        return self.root / EVALUATION / f"{stage}_{direction}.json"
+
+    @property
+    def report_inputs(self) -> Path:
+        return self.root / REPORT_INPUTS
+
+    @property
+    def results(self) -> Path:
+        return self.root / RESULTS
+
+
+def report_inputs(texts_file: Path, images_file: Path, layout: ReleaseLayout | None) -> dict:
+    """Where ``agree.report`` finds the ground truth and the test images (absolute paths; no npz: None)."""
+    npz = layout.images_npz("test") if layout is not None else None
+    return {
+        "texts": str(texts_file),
+        "images": str(images_file),
+        "images_npz": str(npz) if npz is not None and npz.is_file() else None,
+        "image_size": layout.image_size if layout is not None else None,
+        "mean": list(layout.mean) if layout is not None else None,
+        "std": list(layout.std) if layout is not None else None,
+    }
+
+
+def write_evaluation(
+    files: EvaluationFiles,
+    ids: Mapping[str, list[str]],
+    features: Mapping[str, ArrayLike],
+    lists: Mapping[str, Mapping[str, Any]],
+    results: dict,
+    inputs: dict,
+) -> None:
+    """Write every output of an evaluation under ``files.root`` (a staging folder), results last.
+
+    ``ids``: ``"texts"`` (query ids) and ``"images"`` (image ids), in annotation order;
+    ``features``: store entries by name (``FEATURE_NAMES``), one row per query or image;
+    ``lists``: per stage and direction, ranked item indices [Q, k] (-1: none; ``.tolist()``);
+    ``results``: per stage and direction the recalls, and ``"rsum"``.
+    """
+    for name, rows in features.items():
+        save_features(files.features, name, ids["images" if name == "images" else "texts"], rows)
+    queries = {"text_to_image": ids["texts"], "image_to_text": ids["images"]}
+    items = {"text_to_image": ids["images"], "image_to_text": ids["texts"]}
+    for stage, ranked in lists.items():
+        for direction, rows in ranked.items():
+            listed = [[items[direction][i] for i in row if i >= 0] for row in rows.tolist()]
+            lines = prediction_rows(QUERY_ID_KEY[direction], queries[direction], listed)
+            write_jsonl(files.predictions(stage, direction), lines)
+            write_json(files.evaluation(stage, direction), evaluation_json(results[stage][direction]))
+    write_json(files.report_inputs, inputs)
+    write_json(files.results, results)
 
 
 def prediction_rows(id_key: str, query_ids: list[str], ranked_item_ids: list[list[str]]) -> list[dict]:

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
+from agree.data.entities import scatter_slots
 from agree.model import losses
 from agree.model.clip import CHECKPOINT_KEY, create_clip, encode_image, encode_text
 from agree.retrieval.recall_metric import RetrievalRecallMetric
@@ -135,11 +136,7 @@ def agree_losses(
         valid = batch["entity_valid"]
         valid_all, _ = gather_rows(valid, with_grad=False)
     if "prompt" in on:
-        slots = (
-            f["prompt"]
-            .new_zeros(*valid.shape, f["prompt"].shape[-1])
-            .masked_scatter(valid[..., None], f["prompt"])
-        )
+        slots = scatter_slots(f["prompt"], valid)
         slots_all, _ = gather_rows(slots)
         slot_keys = keys(batch["image_keys"][:, None].expand_as(valid), batch["entity_keys"])
         out["prompt"] = losses.slot_contrastive_loss(
@@ -147,11 +144,7 @@ def agree_losses(
         )
     positive = (f["image"] * f["caption"]).sum(-1)
     if "text_mask" in on:
-        masked = (
-            f["masked"]
-            .new_zeros(*valid.shape, f["masked"].shape[-1])
-            .masked_scatter(valid[..., None], f["masked"])
-        )
+        masked = scatter_slots(f["masked"], valid)
         negative = (f["image"][:, None] * masked).sum(-1)
         out["text_mask"] = losses.margin_ranking_loss(
             positive, negative, scale, margin, valid, global_n, margin_gradient

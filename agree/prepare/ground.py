@@ -26,6 +26,7 @@ from omegaconf import MISSING
 
 from agree.atomic import write_jsonl
 from agree.config import resolve_device
+from agree.data.entities import kept_entities
 from agree.data.json_lines import read_jsonl
 from agree.data.layout import ReleaseLayout
 from agree.data.records import NO_GROUNDING_LABEL, flickr_id
@@ -159,9 +160,8 @@ def queries_per_image(rows: list[dict], max_words: int) -> dict[str, list[str]]:
     out: dict[str, dict[str, None]] = {}
     for row in rows:
         kept = out.setdefault(row["image"], {})
-        for seg in row["segs"]:
-            if len(seg.split(" ")) <= max_words:
-                kept.setdefault(seg, None)
+        for seg in kept_entities(row["segs"], max_words):
+            kept.setdefault(seg, None)
     return {image: list(queries) for image, queries in out.items()}
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 
 KS = (1, 5, 10)
-DIRECTIONS = {"t2i": "text_to_image", "i2t": "image_to_text"}
+# The two directions, named explicitly (results.json's keys), and their short names (val/t2i_r1, "T2I").
+DIRECTIONS = ("text_to_image", "image_to_text")
+SHORT = {"text_to_image": "t2i", "image_to_text": "i2t"}
 
 
 def positives_from_pairs(
@@ -44,5 +46,6 @@ def recall_at_k(ranked: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ..
 
 def summarise(text_to_image: dict[str, float], image_to_text: dict[str, float]) -> dict:
     """The results block: recalls per direction and RSUM (the sum of the six recalls)."""
-    rsum = sum(v for d in (text_to_image, image_to_text) for k, v in d.items() if k != "mean_recall")
-    return {"text_to_image": text_to_image, "image_to_text": image_to_text, "rsum": rsum}
+    blocks = dict(zip(DIRECTIONS, (text_to_image, image_to_text), strict=True))
+    rsum = sum(v for d in blocks.values() for k, v in d.items() if k != "mean_recall")
+    return {**blocks, "rsum": rsum}

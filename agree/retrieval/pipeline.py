@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from agree.retrieval.metrics import DIRECTIONS
 from agree.retrieval.rerank import egr_image_to_text, egr_text_to_image, tbr
 from agree.retrieval.search import topk_both
 
@@ -48,7 +49,7 @@ def rank_stages(
     raw_k = max(k, min_raw_k)
     search_k = max(raw_k, depth) if "egr" in stages else raw_k  # one search also feeds EGR's candidates
     # one pass over the similarities feeds both directions
-    searched = dict(zip(("text_to_image", "image_to_text"), topk_both(texts, images, search_k), strict=True))
+    searched = dict(zip(DIRECTIONS, topk_both(texts, images, search_k), strict=True))
     lists = {"raw": {d: ranked[:, :raw_k] for d, (_, ranked) in searched.items()}}
     current = {d: ranked[:, :k] for d, ranked in lists["raw"].items()}
     for stage in stages:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from agree.retrieval.metrics import KS, positives_from_pairs, recall_at_k, summarise
+from agree.retrieval.metrics import DIRECTIONS, KS, SHORT, positives_from_pairs, recall_at_k, summarise
 from agree.retrieval.search import topk_both
 
 
@@ -69,8 +69,8 @@ class RetrievalRecallMetric(Metric):
         i2t_positives = positives_from_pairs(text_image, text_index, len(images))
         i2t = recall_at_k(i2t_lists, i2t_positives, self.ks)
         results = {}
-        for short, values in (("t2i", t2i), ("i2t", i2t)):
-            results.update({f"{short}_{name}": value for name, value in values.items()})
+        for direction, values in zip(DIRECTIONS, (t2i, i2t), strict=True):
+            results.update({f"{SHORT[direction]}_{name}": value for name, value in values.items()})
         results["rsum"] = summarise(t2i, i2t)["rsum"]
         return {
             name: torch.tensor(value, dtype=torch.float32, device=texts.device)

@@ -1,0 +1,18 @@
+"""The plain-text recall table of an evaluation's results (what ``agree.evaluate`` prints)."""
+
+from __future__ import annotations
+
+from agree.retrieval.metrics import DIRECTIONS
+
+
+def format_table(results: dict) -> str:
+    """A plain-text recall table: one row per stage and direction."""
+    lines = [f"{'stage':<13}{'direction':<15}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mR':>7}{'RSUM':>8}"]
+    for stage, block in results.items():
+        for direction in DIRECTIONS:
+            r = block[direction]
+            lines.append(
+                f"{stage:<13}{direction:<15}{r['r1']:>7.1f}{r['r5']:>7.1f}{r['r10']:>7.1f}"
+                f"{r['mean_recall']:>7.1f}{block['rsum']:>8.1f}"
+            )
+    return "\n".join(lines)

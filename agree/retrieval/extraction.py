@@ -1,0 +1,183 @@
+"""Test-split features for an evaluation: from a model (in this process or several under DDP) or
+from the release's JSONL feature files, with each query's entity slots (prompts, masked captions).
+
+Model, dataset and Lightning code is imported inside the functions that use it, so that an
+evaluation from feature files loads none of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from agree.config import resolve_device, resolve_path
+from agree.data.entities import kept_entities, scatter_slots, slot_mask
+from agree.data.feature_files import read_entity_feature_jsonl, read_feature_jsonl
+from agree.data.npz_images import NpzImages
+from agree.data.records import TestImage, TestText
+from agree.errors import DataFormatError
+from agree.retrieval.features import extract
+from agree.retrieval.pipeline import EntityFeatures
+
+
+def entity_texts(
+    caption: str,
+    entities: list[str],
+    max_entities: int,
+    max_words: int | None,
+    ignore_case: bool = True,
+    encode_empty_slots: bool = False,
+) -> tuple[list[str], list[str]]:
+    """(prompts, masked captions) of a caption's first ``max_entities`` entities of at most
+    ``max_words`` words (None: any length, as the release at test time); see ``slot_texts``."""
+    from agree.data.datasets import slot_texts
+
+    return slot_texts(
+        caption, kept_entities(entities, max_words), max_entities, ignore_case, encode_empty_slots
+    )
+
+
+def release_slots(texts: list[TestText], segs: dict[str, list[str]], max_entities: int) -> torch.Tensor:
+    """[T, max_entities] bool: the release's feature files hold 10 vectors per query, of which the
+    first ``min(len(items), 10)`` are real and the rest are the features of ``""``."""
+    return slot_mask([len(segs.get(t.query_id, [])) for t in texts], max_entities)
+
+
+def _extractors(cfg: DictConfig, model, tokenizer, device: torch.device):
+    """(encode an image dataset, encode a list of texts): in this process, or in ``cfg.devices``
+    processes through Lightning's predict loop under DDP (every process gets all features)."""
+    from agree.model.clip import encode_image, encode_text
+
+    if cfg.devices > 1:
+        from agree.retrieval.predict import predict_features
+
+        trainer = {
+            "accelerator": "gpu" if device.type == "cuda" else "cpu",
+            "devices": cfg.devices,
+            "strategy": "ddp",
+            "precision": "bf16-mixed" if device.type == "cuda" else "32-true",
+        }
+        workers = cfg.data.num_workers
+
+        def images(dataset, desc: str) -> torch.Tensor:
+            return predict_features(model, encode_image, dataset, cfg.batch_size, trainer, workers)
+
+        def texts(strings: list[str], desc: str) -> torch.Tensor:
+            return predict_features(model, encode_text, tokenizer(strings), cfg.batch_size, trainer)
+
+        return images, texts
+
+    def images(dataset, desc: str) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.data.num_workers,  # npz reads overlap the encoder
+            pin_memory=device.type == "cuda",
+        )
+        return extract(lambda x: encode_image(model, x), loader, device, desc, len(loader))
+
+    def texts(strings: list[str], desc: str) -> torch.Tensor:
+        size = cfg.batch_size
+        batches = [tokenizer(strings[i : i + size]) for i in range(0, len(strings), size)]
+        return extract(lambda x: encode_text(model, x), batches, device, desc, len(batches))
+
+    return images, texts
+
+
+def model_features(
+    cfg: DictConfig, texts: list[TestText], images: list[TestImage], segs: dict | None, layout
+):
+    """(text features, image features, entity features or None) from the configured model."""
+    import lightning as L
+
+    from agree.data.datasets import ImageArrays
+    from agree.model.clip import create_clip, get_tokenizer
+
+    L.seed_everything(cfg.seed, verbose=False)  # random-init weights
+    device = resolve_device(cfg.device)
+    npz = NpzImages(layout.images_npz("test"), layout.image_size)
+    image_ids = [im.image_id for im in images]
+    npz.require(image_ids, "test image_id")
+    pretrained = str(resolve_path(cfg.ckpt_path)) if cfg.ckpt_path else cfg.model.pretrained
+    model = create_clip(cfg.model.name, pretrained).to(device).eval()
+    encode_images, encode_texts = _extractors(
+        cfg, model, get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation), device
+    )
+    image_features = encode_images(ImageArrays(npz, image_ids, "test image_id"), "images")
+    text_features = encode_texts([t.text for t in texts], "texts")
+    if segs is None:
+        return text_features, image_features, None
+    e = cfg.rerank
+    per_query = [
+        entity_texts(
+            t.text,
+            segs.get(t.query_id, []),
+            e.max_entities,
+            e.max_entity_words,
+            cfg.text.mask_ignore_case,
+            cfg.text.encode_empty_slots,
+        )
+        for t in texts
+    ]
+    valid = slot_mask([len(prompts) for prompts, _ in per_query], e.max_entities)
+    slots = []
+    for which, desc in ((0, "entity prompts"), (1, "masked captions")):
+        flat = [text for query in per_query for text in query[which]]  # only real slots are encoded
+        slots.append(scatter_slots(encode_texts(flat, desc), valid))
+    return text_features, image_features, EntityFeatures(slots[0], slots[1], valid)
+
+
+def _in_order(ids: list[str], wanted: list[str], path, what: str) -> np.ndarray:
+    """Row indices of ``wanted`` ids in ``ids``; every annotated id must have a feature."""
+    index = {key: i for i, key in enumerate(ids)}
+    missing = [key for key in wanted if key not in index]
+    if missing:
+        raise DataFormatError(
+            f"{path}: no feature for {what} {missing[0]} ({len(missing)} of {len(wanted)} missing)"
+        )
+    return np.array([index[key] for key in wanted], dtype=np.int64)
+
+
+def jsonl_features(
+    cfg: DictConfig, texts: list[TestText], images: list[TestImage], segs: dict[str, list[str]] | None = None
+):
+    """(text features, image features, entity features or None) from reference JSONL files.
+
+    With ``segs`` (``features.mask_padding``), only each query's real entity slots count in EGR.
+    """
+    f = cfg.features
+    image_ids, image_rows = read_feature_jsonl(resolve_path(f.image_jsonl), "image_id")
+    text_ids, text_rows = read_feature_jsonl(resolve_path(f.text_jsonl), "query_id")
+    if image_rows.shape[1] != text_rows.shape[1]:
+        raise DataFormatError(
+            f"{f.image_jsonl}: {image_rows.shape[1]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
+        )
+    query_ids = [t.query_id for t in texts]
+    image_rows = image_rows[_in_order(image_ids, [im.image_id for im in images], f.image_jsonl, "image")]
+    text_rows = text_rows[_in_order(text_ids, query_ids, f.text_jsonl, "query")]
+    entities = None
+    if "egr" in cfg.rerank.stages:
+        slots = []
+        for key in ("prompt_jsonl", "mask_jsonl"):
+            ids, rows, valid = read_entity_feature_jsonl(resolve_path(f[key]), cfg.rerank.max_entities)
+            if rows.shape[2] not in (0, text_rows.shape[1]):
+                raise DataFormatError(
+                    f"{f[key]}: {rows.shape[2]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
+                )
+            order = _in_order(ids, query_ids, f[key], "query")
+            rows = (
+                rows[order]
+                if rows.shape[2]
+                else np.zeros((len(order), rows.shape[1], text_rows.shape[1]), np.float32)
+            )
+            slots.append((torch.from_numpy(rows), torch.from_numpy(valid[order])))
+        if not torch.equal(slots[0][1].sum(1), slots[1][1].sum(1)):
+            raise DataFormatError(
+                f"{f.prompt_jsonl} and {f.mask_jsonl} list different numbers of entities per query"
+            )
+        valid = slots[0][1]
+        if segs is not None:
+            valid = valid & release_slots(texts, segs, cfg.rerank.max_entities)
+        entities = EntityFeatures(slots[0][0], slots[1][0], valid)
+    return torch.from_numpy(text_rows), torch.from_numpy(image_rows), entities
