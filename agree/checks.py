@@ -11,7 +11,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from agree.config import data_layout, generated, resolve_model, resolve_path, scene_config
-from agree.data.datasets import FALLBACK_MASKS, LOSS_INPUTS
+from agree.data.datasets import FALLBACK_MASKS
+from agree.model.registry import LOSSES as LOSS_INPUTS
 from agree.data.formats import ReleaseLayout
 from agree.data.synthetic import OWNER
 from agree.errors import ConfigError
