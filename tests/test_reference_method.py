@@ -21,7 +21,7 @@ import yaml
 from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import OmegaConf
 
-from agree.checks import device_batch_size
+from agree.settings import device_batch_size
 from agree.config import resolve_precision
 from agree.data.datasets import CollateTrain, random_square
 from agree.data.formats import read_test_images, read_test_texts, read_text_segs
