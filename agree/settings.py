@@ -147,14 +147,14 @@ def check_data_root(data: DictConfig) -> ReleaseLayout | None:
     return layout
 
 
-def check_data_values(data: DictConfig) -> None:
+def check_data_values(cfg: DictConfig) -> None:
     """Ranges of the ``data`` keys both commands read."""
-    _at_least(data, "num_workers", 0)
-    _at_least(data, "max_entities", 1)
-    _at_least(data, "max_entity_words", 1, "any length")
-    if data.synthetic is not None:
+    _at_least(cfg, "data.num_workers", 0)
+    _at_least(cfg, "data.max_entities", 1)
+    _at_least(cfg, "data.max_entity_words", 1, "any length")
+    if cfg.data.synthetic is not None:
         for key in ("train_images", "val_images", "test_images", "captions_per_image", "min_objects"):
-            _at_least(data, f"synthetic.{key}", 1)
+            _at_least(cfg, f"data.synthetic.{key}", 1)
 
 
 def require_file(path: Path, key: str, value: object, what_to_do: str) -> None:
@@ -246,7 +246,7 @@ def check_train_values(cfg: DictConfig) -> None:
     """The ranges of the training keys (types are the schema's)."""
     optim, trainer = cfg.optim, cfg.trainer
     _require(optim.lr > 0, "optim.lr", optim.lr, "the learning rate must be > 0")
-    _at_least(optim, "weight_decay", 0, kind="a number")
+    _at_least(cfg, "optim.weight_decay", 0, kind="a number")
     _require(optim.eps > 0, "optim.eps", optim.eps, "must be > 0")
     betas = list(optim.betas)
     _require(
@@ -261,7 +261,7 @@ def check_train_values(cfg: DictConfig) -> None:
         ("checkpoint.every_n_train_steps", "each epoch"),
     ):
         _at_least(cfg, key, 1, null_means)
-    check_data_values(cfg.data)
+    check_data_values(cfg)
     _require(
         cfg.data.fallback_mask in FALLBACK_MASKS,
         "data.fallback_mask",
@@ -282,8 +282,8 @@ def check_train_values(cfg: DictConfig) -> None:
         "must be at least 1, or -1 (trainer.max_epochs decides)",
     )
     for key in ("accumulate_grad_batches", "log_every_n_steps", "num_nodes"):
-        _at_least(trainer, key, 1)
-    _at_least(trainer, "gradient_clip_val", 0, "no clipping", "a number")
+        _at_least(cfg, f"trainer.{key}", 1)
+    _at_least(cfg, "trainer.gradient_clip_val", 0, "no clipping", "a number")
     for key in ("limit_train_batches", "limit_val_batches", "overfit_batches", "val_check_interval"):
         value = trainer.get(key)
         _require(
@@ -301,8 +301,12 @@ def check_train_values(cfg: DictConfig) -> None:
         trainer.deterministic,
         "true, false or warn",
     )
-    if str(trainer.accelerator) in ("gpu", "cuda"):
-        check_device("cuda", "trainer.accelerator")
+    _require(
+        trainer.accelerator not in ("gpu", "cuda") or torch.cuda.is_available(),
+        "trainer.accelerator",
+        trainer.accelerator,
+        "no CUDA device on this machine; use trainer=cpu, or trainer.accelerator=auto",
+    )
 
 
 def trainer_arguments(cfg: DictConfig, checked: DictConfig) -> dict[str, Any]:
@@ -351,7 +355,7 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
     """Every check of ``agree.train``'s config, before anything is built or written; fills the
     model's own image size and normalisation into ``cfg`` where it leaves them null."""
     checked = typed(TrainConfig, cfg)
-    weights = loss_weights(cfg.losses, cfg.get("drop_loss"))  # as given: the errors show the user's values
+    weights = config_loss_weights(cfg)  # as given: the errors show the user's values
     check_train_values(checked)
     check_data_group(checked.data)
     check_model(checked.model, checked.model.pretrained)
@@ -372,9 +376,14 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
     )
 
 
+def config_loss_weights(cfg: DictConfig) -> dict[str, float]:
+    """The ``losses`` weights of a training config, checked, with ``drop_loss`` (an ablation) set to 0."""
+    return loss_weights(cfg.losses, cfg.get("drop_loss"))
+
+
 def enabled_losses(cfg: DictConfig) -> list[str]:
     """The losses with a weight above 0 (``drop_loss`` applied), in the config's order."""
-    return [name for name, weight in loss_weights(cfg.losses, cfg.get("drop_loss")).items() if weight > 0]
+    return [name for name, weight in config_loss_weights(cfg).items() if weight > 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,13 +404,14 @@ class EvaluateSettings:
     rerank: dict[str, Any]  # the re-ranking arguments of retrieval.pipeline.rank_stages
 
 
-def check_rerank(rerank: DictConfig) -> dict[str, Any]:
+def check_rerank(cfg: DictConfig) -> dict[str, Any]:
     """The ``rerank`` keys in range, as ``rank_stages`` arguments."""
+    rerank = cfg.rerank
     for stage in rerank.stages:
         _require(stage in RERANK_STAGES, "rerank.stages", list(rerank.stages), f"stages are {RERANK_STAGES}")
     for key in ("k", "depth", "max_entities"):
-        _at_least(rerank, key, 1)
-    _at_least(rerank, "max_entity_words", 1, "any length")
+        _at_least(cfg, f"rerank.{key}", 1)
+    _at_least(cfg, "rerank.max_entity_words", 1, "any length")
     _require(rerank.absent_rank >= rerank.k, "rerank.absent_rank", rerank.absent_rank, "must be >= rerank.k")
     if "egr" in rerank.stages:
         _require(rerank.depth >= rerank.k, "rerank.depth", rerank.depth, f"must be >= rerank.k={rerank.k}")
@@ -473,7 +483,7 @@ def evaluate_settings(cfg: DictConfig) -> EvaluateSettings:
     for key in ("batch_size", "devices"):
         _at_least(checked, key, 1)
     device = check_device(checked.device)
-    rerank = check_rerank(checked.rerank)
+    rerank = check_rerank(checked)
     check_feature_files(checked)
     from_files = bool(checked.features.image_jsonl)
     if checked.ckpt_required and not checked.ckpt_path and not from_files:
@@ -491,7 +501,7 @@ def evaluate_settings(cfg: DictConfig) -> EvaluateSettings:
         check_data_group(checked.data)
         resolve_model(cfg)
         checked = typed(EvaluateConfig, cfg, resolve=True)
-        check_data_values(checked.data)
+        check_data_values(checked)
         check_data_root(checked.data)
         layout, scenes = data_layout(checked.data), scene_config(checked.data)
     check_test_data(checked, None if scenes is not None else layout, from_files)
