@@ -56,7 +56,11 @@ def _schema_error(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None) or "config"
     reason = str(error).splitlines()[0]
     if isinstance(error, ConfigKeyError) and " not in " in reason:
-        where = "; any other lightning.Trainer argument goes under trainer.extra" if key.startswith("trainer.") else ""
+        where = (
+            "; any other lightning.Trainer argument goes under trainer.extra"
+            if key.startswith("trainer.")
+            else ""
+        )
         return f"{key} is not a setting (check the spelling; the keys are in the README){where}"
     value = getattr(error, "value", None)
     return f"{key}={value}: {reason}" if value is not None else f"{key}: {reason}"
@@ -67,7 +71,9 @@ def _require(ok: bool, key: str, value: object, what: str) -> None:
         raise ConfigError(f"{key}={value}: {what}")
 
 
-def _at_least(node: DictConfig, key: str, low: int, null: str | None = None, kind: str = "an integer") -> None:
+def _at_least(
+    node: DictConfig, key: str, low: int, null: str | None = None, kind: str = "an integer"
+) -> None:
     """``node[key]`` is >= ``low`` (or null, where ``null`` says what null means)."""
     value = OmegaConf.select(node, key)
     if value is None and null:
@@ -293,8 +299,12 @@ def check_train_values(cfg: DictConfig) -> None:
             "a number of batches (an integer) or a fraction of them (a float), at least 0",
         )
     run = trainer.fast_dev_run
-    _require(isinstance(run, bool) or (isinstance(run, int) and run >= 0), "trainer.fast_dev_run", run,
-             "true, false or a number of batches")  # fmt: skip
+    _require(
+        isinstance(run, bool) or (isinstance(run, int) and run >= 0),
+        "trainer.fast_dev_run",
+        run,
+        "true, false or a number of batches",
+    )
     _require(
         trainer.deterministic in (None, True, False, "warn"),
         "trainer.deterministic",
@@ -321,8 +331,8 @@ def trainer_arguments(cfg: DictConfig, checked: DictConfig) -> dict[str, Any]:
     values = OmegaConf.to_container(checked.trainer, resolve=True)
     extra = values.pop("extra")
     arguments = {key: values[key] for key in cfg.trainer if key != "extra"}
-    accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks",
-                                                                        "default_root_dir", "plugins"}  # fmt: skip
+    ours = {"self", "logger", "callbacks", "default_root_dir", "plugins"}  # set by agree.train
+    accepted = set(inspect.signature(L.Trainer.__init__).parameters) - ours
     for key in extra:
         if key in TrainerConfig.__dataclass_fields__:
             raise ConfigError(f"trainer.extra.{key}: set trainer.{key} instead (a typed key)")
@@ -493,7 +503,9 @@ def evaluate_settings(cfg: DictConfig) -> EvaluateSettings:
         )
     pretrained = None
     if not from_files:
-        pretrained = str(check_checkpoint(checked.ckpt_path)) if checked.ckpt_path else checked.model.pretrained
+        pretrained = (
+            str(check_checkpoint(checked.ckpt_path)) if checked.ckpt_path else checked.model.pretrained
+        )
         check_model(checked.model, pretrained)
     uses_data = not (from_files and checked.annotations.images and checked.annotations.texts)
     layout = scenes = None

@@ -59,7 +59,9 @@ def train_config(tmp_path, *overrides, experiment="demo"):
 
 
 def evaluate_config(tmp_path, *overrides):
-    return config("evaluate", f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'scenes'}", *overrides)
+    return config(
+        "evaluate", f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'scenes'}", *overrides
+    )
 
 
 @pytest.mark.parametrize(
@@ -72,7 +74,10 @@ def evaluate_config(tmp_path, *overrides):
         ("optim.warmup_steps=-5", ["optim.warmup_steps=-5", "at least 0"]),
         ("model.image_size=32", ["model.name=agree-tiny takes 64-px images", "model.image_size=32"]),
         ("+foo=1", ["foo is not a setting"]),
-        ("+trainer.limit_predict_batches=2", ["trainer.limit_predict_batches is not a setting", "trainer.extra"]),
+        (
+            "+trainer.limit_predict_batches=2",
+            ["trainer.limit_predict_batches is not a setting", "trainer.extra"],
+        ),
         ("+trainer.extra.nope=1", ["trainer.extra.nope=1", "not a lightning.Trainer argument"]),
         ("+trainer.extra.max_epochs=3", ["trainer.extra.max_epochs", "set trainer.max_epochs instead"]),
         ("optim.betas=[0.9]", ["optim.betas=[0.9]", "two numbers"]),
@@ -91,7 +96,9 @@ def test_a_model_for_other_images_than_the_scenes(tmp_path, no_model):
 
 def test_a_gpu_trainer_on_a_machine_without_one(tmp_path, no_model, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    refused(train, train_config(tmp_path, "trainer=gpu"), tmp_path, "trainer.accelerator=gpu", "no CUDA device")
+    refused(
+        train, train_config(tmp_path, "trainer=gpu"), tmp_path, "trainer.accelerator=gpu", "no CUDA device"
+    )
 
 
 @pytest.mark.parametrize(
@@ -118,11 +125,19 @@ def test_bad_evaluation_value_is_named_before_any_work(tmp_path, no_model, monke
 def test_trainer_arguments_are_the_configs_and_the_extra_ones(tmp_path):
     settings = train_settings(train_config(tmp_path, "+trainer.extra.benchmark=true", "+debug=limit"))
     assert settings.trainer["benchmark"] is True
-    assert settings.trainer["limit_train_batches"] == 3 and isinstance(settings.trainer["limit_train_batches"], int)
+    assert settings.trainer["limit_train_batches"] == 3 and isinstance(
+        settings.trainer["limit_train_batches"], int
+    )
     assert "overfit_batches" not in settings.trainer  # a key the config leaves out keeps Lightning's default
     assert settings.trainer["precision"] == "32-true" and settings.trainer["enable_progress_bar"] is False
-    assert settings.weights == {"clip": 1.0, "prompt": 0.0, "text_mask": 0.0, "vg_contrast": 0.0,
-                                "vg_mask": 0.0, "ground_mask": 0.0}  # fmt: skip
+    assert settings.weights == {
+        "clip": 1.0,
+        "prompt": 0.0,
+        "text_mask": 0.0,
+        "vg_contrast": 0.0,
+        "vg_mask": 0.0,
+        "ground_mask": 0.0,
+    }
     assert settings.model.image_size == 64 and settings.layout.root == tmp_path / "scenes"
     assert not (tmp_path / "run").exists() and not (tmp_path / "scenes").exists()
 
@@ -130,7 +145,9 @@ def test_trainer_arguments_are_the_configs_and_the_extra_ones(tmp_path):
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_fits_the_schema(experiment):
     text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
-    name, schema = ("evaluate", EvaluateConfig) if "for agree.evaluate" in text.lower() else ("train", TrainConfig)
+    name, schema = (
+        ("evaluate", EvaluateConfig) if "for agree.evaluate" in text.lower() else ("train", TrainConfig)
+    )
     typed(schema, config(name, f"+experiment={experiment}", "output_dir=x", "data.root=x"))
 
 

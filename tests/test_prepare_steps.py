@@ -214,7 +214,10 @@ def test_karpathy_bad_input_names_file_and_element(tmp_path, edit, fragments):
         (["karpathy", "root"], ["'root' is not key=value"]),
         (["karpathy", "root=x"], ["missing required images, karpathy"]),
         (["entities", "input=x", "shard_size=many"], ["shard_size", "many"]),
-        (["ground", "root=x", "images=y", "model=ViT-Nope"], ["model=ViT-Nope is not an open_clip architecture"]),
+        (
+            ["ground", "root=x", "images=y", "model=ViT-Nope"],
+            ["model=ViT-Nope is not an open_clip architecture"],
+        ),
     ],
 )
 def test_cli_errors_say_what_is_valid(argv, fragments, capsys):

@@ -21,7 +21,6 @@ import yaml
 from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import OmegaConf
 
-from agree.settings import device_batch_size
 from agree.config import resolve_precision
 from agree.data.datasets import CollateTrain, random_square
 from agree.data.formats import read_test_images, read_test_texts, read_text_segs
@@ -30,6 +29,7 @@ from agree.errors import ConfigError
 from agree.evaluate import entity_texts, evaluate, model_features
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
 from agree.model.module import agree_losses
+from agree.settings import device_batch_size
 from agree.train import train
 
 from .test_cli import SMALL, config

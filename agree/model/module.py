@@ -88,9 +88,7 @@ def agree_losses(
     images = {part: batch[key] for part, key in IMAGE_PARTS.items() if part == "image" or part in parts}
     texts = {part: batch[key] for part, key in TEXT_PARTS.items() if part == "caption" or part in parts}
     f = {**_encode_parts(encode_image, model, images), **_encode_parts(encode_text, model, texts)}
-    shared = LossBatch(
-        f, batch, model.logit_scale.exp(), margin, skip_duplicate_negatives, margin_gradient
-    )
+    shared = LossBatch(f, batch, model.logit_scale.exp(), margin, skip_duplicate_negatives, margin_gradient)
     return {name: LOSSES[name].compute(shared) for name in on}
 
 

@@ -39,7 +39,12 @@ IMAGE_PARTS = {
     "vg_masked": "vg_masked_images",
     "ground_masked": "ground_masked_images",
 }
-TEXT_PARTS = {"caption": "captions", "vg_prompt": "vg_prompts", "prompt": "prompts", "masked": "masked_captions"}
+TEXT_PARTS = {
+    "caption": "captions",
+    "vg_prompt": "vg_prompts",
+    "prompt": "prompts",
+    "masked": "masked_captions",
+}
 
 
 def gather_rows(x: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, int]:
@@ -93,8 +98,10 @@ class LossBatch:
     def slots(self, part: str) -> torch.Tensor:
         """[B, slots, D] the features of ``part``'s real entity slots scattered into place, 0 elsewhere."""
         valid = self.batch["entity_valid"]
-        return self.f[part].new_zeros(*valid.shape, self.f[part].shape[-1]).masked_scatter(
-            valid[..., None], self.f[part]
+        return (
+            self.f[part]
+            .new_zeros(*valid.shape, self.f[part].shape[-1])
+            .masked_scatter(valid[..., None], self.f[part])
         )
 
     def margin_loss(self, positive, negative, valid=None) -> torch.Tensor:
@@ -129,7 +136,14 @@ def _vg_contrast(b: LossBatch) -> torch.Tensor:
     vg_all, _ = gather_rows(b.f["vg"])
     vg_prompt_all, _ = gather_rows(b.f["vg_prompt"])
     return losses.contrastive_loss(
-        b.f["vg"], b.f["vg_prompt"], b.scale, vg_all, vg_prompt_all, b.offset, None, b.keys(b.batch["vg_keys"])
+        b.f["vg"],
+        b.f["vg_prompt"],
+        b.scale,
+        vg_all,
+        vg_prompt_all,
+        b.offset,
+        None,
+        b.keys(b.batch["vg_keys"]),
     )
 
 
@@ -187,12 +201,16 @@ def loss_weights(weights: Mapping[str, object], drop_loss: str | None = None) ->
         if name not in LOSSES:
             raise ConfigError(f"losses.{name} is not a loss; the losses are {sorted(LOSSES)}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise ConfigError(f"losses.{name}={weight}: a loss weight is a number >= 0 (0 turns the loss off)")
+            raise ConfigError(
+                f"losses.{name}={weight}: a loss weight is a number >= 0 (0 turns the loss off)"
+            )
         checked[name] = float(weight)
     if drop_loss not in (None, "none"):
         if drop_loss not in checked:
             raise ConfigError(f"drop_loss={drop_loss!r} is not a loss; choose one of {sorted(checked)}")
         checked[drop_loss] = 0.0
     if not any(checked.values()):
-        raise ConfigError("every losses.* weight is 0: nothing to train; set losses.clip=1 (or choose losses=agree)")
+        raise ConfigError(
+            "every losses.* weight is 0: nothing to train; set losses.clip=1 (or choose losses=agree)"
+        )
     return checked
