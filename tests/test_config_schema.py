@@ -9,21 +9,16 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
-from agree.errors import ConfigError
 from agree.evaluate import evaluate
 from agree.schema import EvaluateConfig, TrainConfig
 from agree.settings import train_settings, typed
 from agree.train import train
 
+from .test_config_errors import config, fails
+
 CONF = Path(__file__).resolve().parents[1] / "agree" / "conf"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "CI": "true"}
-
-
-def config(name, *overrides):
-    with initialize_config_module("agree.conf", version_base="1.3"):
-        return compose(name, list(overrides))
 
 
 @pytest.fixture
@@ -37,15 +32,9 @@ def no_model(monkeypatch):
 
 
 def refused(run, cfg, tmp_path, *fragments):
-    """``run(cfg)`` raises one line holding ``fragments``; no output folder, no generated data."""
-    with pytest.raises(ConfigError) as excinfo:
-        run(cfg)
-    message = str(excinfo.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    assert not (tmp_path / "run").exists() and not (tmp_path / "scenes").exists()
-    return message
+    """``run(cfg)`` raises one line holding ``fragments``, writes no output and generates no data."""
+    fails(run, cfg, *fragments)
+    assert not (tmp_path / "scenes").exists()
 
 
 def train_config(tmp_path, *overrides, experiment="demo"):
