@@ -21,21 +21,20 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from agree.atomic import replace_as_set, staging_dir
-from agree.checks import check_data_root, check_evaluate_config
 from agree.cli import user_errors
-from agree.config import ensure_data, resolve_device, resolve_path
+from agree.config import ensure_data, resolve_path
 from agree.data.evaluation_files import OUTPUTS, RESULTS, EvaluationFiles, report_inputs, write_evaluation
 from agree.data.records import TestImage, TestText, read_test_images, read_test_texts, read_text_segs
-from agree.errors import ConfigError
 from agree.folders import check_entries, claim_entries
 from agree.report.table import format_table
 from agree.retrieval.extraction import jsonl_features, model_features
 from agree.retrieval.ground_truth import ground_truth
 from agree.retrieval.metrics import DIRECTIONS, recall_at_k, summarise
 from agree.retrieval.pipeline import EntityFeatures, rank_stages
+from agree.settings import EvaluateSettings, evaluate_settings
 
 
 @dataclass
@@ -51,47 +50,17 @@ class TestSet:
     report_inputs: dict | None = None  # see report_inputs()
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Incompatible or missing settings fail before any work, naming the key."""
-    f = cfg.features
-    if bool(f.image_jsonl) != bool(f.text_jsonl):
-        raise ConfigError("features.image_jsonl and features.text_jsonl go together: give both or neither")
-    if f.image_jsonl and "egr" in cfg.rerank.stages and not (f.prompt_jsonl and f.mask_jsonl):
-        raise ConfigError(
-            f"rerank={'+'.join(cfg.rerank.stages)} needs entity features: set features.prompt_jsonl and "
-            "features.mask_jsonl, or extract them with a model (drop features.*)"
-        )
-    for key in ("image_jsonl", "text_jsonl", "prompt_jsonl", "mask_jsonl"):
-        if f[key] and not resolve_path(f[key]).is_file():
-            raise ConfigError(f"features.{key}={f[key]}: file not found")
-    _check_entity_counts(cfg)
-    if isinstance(cfg.devices, bool) or not isinstance(cfg.devices, int) or cfg.devices < 1:
-        raise ConfigError(f"devices={cfg.devices}: the number of extraction processes, an integer >= 1")
-    check_evaluate_config(cfg)
+def check_config(cfg: DictConfig) -> EvaluateSettings:
+    """Incompatible or missing settings fail before any work, naming the key (``agree.settings``)."""
+    return evaluate_settings(cfg)
 
 
-def _check_entity_counts(cfg: DictConfig) -> None:
-    """``features.mask_padding`` on JSONL entity features needs each query's entity count (text_segs)."""
-    f = cfg.features
-    if not (f.image_jsonl and "egr" in cfg.rerank.stages and f.mask_padding) or cfg.annotations.text_segs:
-        return
-    uses_data_root = not (cfg.annotations.images and cfg.annotations.texts)
-    layout = check_data_root(cfg.data) if uses_data_root else None
-    if uses_data_root and (layout is None or layout.test_text_segs.is_file()):
-        return  # generated data (which has its text_segs), or the file under data.root
-    raise ConfigError(
-        "features.mask_padding=true needs each query's entity count: set annotations.text_segs="
-        "<flickr30k_test_texts_segs.jsonl>, or features.mask_padding=false (method=reference) to "
-        "score all 10 vectors as the release does"
-    )
-
-
-def load_test_set(cfg: DictConfig) -> TestSet:
+def load_test_set(cfg: DictConfig, settings: EvaluateSettings | None = None) -> TestSet:
     """Annotations, ground-truth checks, and features (from a model or from JSONL files)."""
-    check_config(cfg)
-    from_files = bool(cfg.features.image_jsonl)
+    settings = settings or check_config(cfg)
+    from_files = settings.from_files
     a = cfg.annotations
-    layout = None if from_files and a.images and a.texts else ensure_data(cfg.data)
+    layout = None if settings.layout is None else ensure_data(settings.cfg.data)
     texts_file = resolve_path(a.texts) if a.texts else layout.test_texts
     images_file = resolve_path(a.images) if a.images else layout.test_images
     texts, images = read_test_texts(texts_file), read_test_images(images_file)
@@ -109,12 +78,13 @@ def load_test_set(cfg: DictConfig) -> TestSet:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Extract (or read) features, rank and re-rank both directions, score, write every output."""
-    target = Path(cfg.output_dir)
+    settings = check_config(cfg)
+    target = settings.output_dir
     check_entries(target, "evaluate", OUTPUTS)  # before any work: never replace a user's features/ ...
-    data = load_test_set(cfg)
+    data = load_test_set(cfg, settings)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
         return {}  # extraction over several processes: the first one ranks and writes
-    lists, results = rank_and_score(cfg, data)
+    lists, results = rank_and_score(settings, data)
     claim_entries(target, "evaluate", OUTPUTS)
     out = staging_dir(target, "evaluate")  # the outputs replace an earlier evaluation's as a set
     ids = {"texts": [t.query_id for t in data.texts], "images": [im.image_id for im in data.images]}
@@ -123,10 +93,9 @@ def evaluate(cfg: DictConfig) -> dict:
     return results
 
 
-def rank_and_score(cfg: DictConfig, data: TestSet) -> tuple[dict, dict]:
-    """(ranked lists, results) of every stage of ``cfg.rerank`` in both directions, on ``cfg.device``."""
-    device = resolve_device(cfg.device)
-    r = cfg.rerank
+def rank_and_score(settings: EvaluateSettings, data: TestSet) -> tuple[dict, dict]:
+    """(ranked lists, results) of every stage of ``rerank`` in both directions, on ``device``."""
+    device, r = settings.device, settings.rerank
     entities = data.entities
     if entities is not None:
         entities = EntityFeatures(
@@ -135,13 +104,13 @@ def rank_and_score(cfg: DictConfig, data: TestSet) -> tuple[dict, dict]:
     lists = rank_stages(
         data.text_features.to(device),
         data.image_features.to(device),
-        list(r.stages),
-        r.k,
+        r["stages"],
+        r["k"],
         entities,
-        depth=r.get("depth", 128),
-        absent_rank=r.get("absent_rank", 10000),
-        text_to_image=OmegaConf.to_container(r.text_to_image) if "text_to_image" in r else None,
-        image_to_text=OmegaConf.to_container(r.image_to_text) if "image_to_text" in r else None,
+        depth=r["depth"],
+        absent_rank=r["absent_rank"],
+        text_to_image=r["text_to_image"],
+        image_to_text=r["image_to_text"],
     )
     results = {
         stage: summarise(*(recall_at_k(ranked[d].cpu(), data.positives[d]) for d in DIRECTIONS))

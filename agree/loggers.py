@@ -73,9 +73,9 @@ def wandb_settings(cfg: DictConfig, logger_cfg: dict) -> dict:
 
 def run_tags(cfg: DictConfig) -> list[str]:
     """``method:<name>``, ``losses:<a>+<b>...`` (the ones with a weight above 0), ``model:<name>``."""
-    from agree.checks import check_loss_weights
+    from agree.settings import enabled_losses
 
-    tags = [f"losses:{'+'.join(k for k, v in check_loss_weights(cfg).items() if v > 0)}"]
+    tags = [f"losses:{'+'.join(enabled_losses(cfg))}"]
     tags.append(f"model:{cfg.model.name}")
     if cfg.get("method"):  # the method group's option: agree or reference
         tags.insert(0, f"method:{cfg.method}")

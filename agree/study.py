@@ -40,11 +40,12 @@ from agree.config import loss_weights_preset, merge_overrides
 from agree.errors import ConfigError
 from agree.evaluate import evaluate
 from agree.folders import claim
+from agree.model import registry
 from agree.study_report import results_page
 from agree.summary import ZERO_SHOT_RUNS, chance_rsum, zero_shot_stages
 from agree.train import train
 
-LOSSES = ("clip", "prompt", "text_mask", "vg_contrast", "vg_mask", "ground_mask")
+LOSSES = tuple(registry.LOSSES)  # ablated one at a time
 SCENES = [  # the study's data size (every split), for every run; key=value arguments replace these
     "data.synthetic.train_images=200",
     "data.synthetic.val_images=60",

@@ -12,25 +12,19 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from agree.atomic import write_json, write_torch
 from agree.callbacks import configured_callbacks
-from agree.checks import check_loss_weights, check_train_config, device_batch_size, resume_path
 from agree.cli import user_errors
-from agree.config import allow_tf32, data_layout, resolve_precision, scene_config
+from agree.config import allow_tf32
 from agree.data.datamodule import AgreeDataModule
-from agree.data.datasets import inputs_for
 from agree.errors import ConfigError
 from agree.loggers import build_logger, history_rows
 from agree.model.clip import get_tokenizer
 from agree.model.module import AgreeModule
-from agree.progress import interactive
-
-
-def loss_weights(cfg: DictConfig) -> dict[str, float]:
-    """The ``losses`` weights, with ``drop_loss`` (an ablation) set to 0."""
-    return check_loss_weights(cfg)
+from agree.model.registry import inputs_for
+from agree.settings import train_settings
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -125,69 +119,63 @@ def finished_run(out: Path, state: dict) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Train as ``cfg`` says; return the final validation metrics and the objects used."""
-    check_train_config(cfg)
-    allow_tf32(cfg.get("tf32", True))
-    out = Path(cfg.output_dir)
-    resume = resume_path(cfg)
-    state = run_state(resume)
+    settings = train_settings(cfg)  # every check, before anything is built or written
+    c = settings.cfg
+    allow_tf32(c.tf32)
+    out = settings.output_dir
+    state = run_state(settings.resume)
     if state.get("finished"):
         return finished_run(out, state), {}
-    L.seed_everything(cfg.seed, workers=True)
-    weights = loss_weights(cfg)
+    L.seed_everything(c.seed, workers=True)
     module = AgreeModule(
-        model_name=cfg.model.name,
-        pretrained=cfg.model.pretrained,
-        loss_weights=weights,
-        margin=cfg.loss_options.margin,
-        skip_duplicate_negatives=cfg.loss_options.skip_duplicate_negatives,
-        lr=cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-        warmup_steps=cfg.optim.warmup_steps,
-        margin_gradient=cfg.loss_options.margin_gradient,
-        exempt_1d=cfg.optim.exempt_1d,
-        schedule_epochs=cfg.optim.schedule_epochs,
-        grad_checkpointing=cfg.model.get("grad_checkpointing", False),
-        compile=cfg.model.get("compile", False),
-        fused_adamw=cfg.optim.get("fused"),
+        model_name=settings.model.name,
+        pretrained=settings.model.pretrained,
+        loss_weights=settings.weights,
+        margin=c.loss_options.margin,
+        skip_duplicate_negatives=c.loss_options.skip_duplicate_negatives,
+        lr=c.optim.lr,
+        weight_decay=c.optim.weight_decay,
+        betas=tuple(c.optim.betas),
+        eps=c.optim.eps,
+        warmup_steps=c.optim.warmup_steps,
+        margin_gradient=c.loss_options.margin_gradient,
+        exempt_1d=c.optim.exempt_1d,
+        schedule_epochs=c.optim.schedule_epochs,
+        grad_checkpointing=c.model.grad_checkpointing,
+        compile=c.model.compile,
+        fused_adamw=c.optim.fused,
     )
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision"), cfg.gpu_precision)
-    if trainer_cfg.get("enable_progress_bar") is None:
-        trainer_cfg["enable_progress_bar"] = interactive()
+    trainer_args = settings.trainer
     logger = build_logger(cfg, keep_rows=state.get("history_rows", 0))
     history = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
-    checkpoints = LastCheckpoint(
-        out / "checkpoints" / "last.ckpt", cfg.checkpoint.every_n_train_steps, history
-    )
+    checkpoints = LastCheckpoint(out / "checkpoints" / "last.ckpt", c.checkpoint.every_n_train_steps, history)
     callbacks = [
         checkpoints,
-        *configured_callbacks(cfg.get("callbacks"), logger, trainer_cfg["enable_progress_bar"]),
+        *configured_callbacks(cfg.get("callbacks"), logger, trainer_args["enable_progress_bar"]),
     ]
     trainer = L.Trainer(
-        **trainer_cfg,
+        **trainer_args,
         logger=logger,
         callbacks=callbacks,
         default_root_dir=out,
         plugins=[AtomicCheckpointIO()],
     )
     datamodule = AgreeDataModule(
-        data_layout(cfg.data),
-        get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation),
-        batch_size=device_batch_size(cfg.data, trainer.world_size, trainer.accumulate_grad_batches),
-        val_batch_size=cfg.data.val_batch_size,
-        num_workers=cfg.data.num_workers,
-        needs=inputs_for(weights),
-        max_entities=cfg.data.max_entities,
-        max_entity_words=cfg.data.max_entity_words,
-        synthetic=scene_config(cfg.data),
-        seed=cfg.seed,
-        fallback_mask=cfg.data.fallback_mask,
-        mask_ignore_case=cfg.text.mask_ignore_case,
-        encode_empty_slots=cfg.text.encode_empty_slots,
+        settings.layout,
+        get_tokenizer(settings.model.name, c.text.eot_on_truncation),
+        batch_size=settings.device_batch_size(trainer.world_size, trainer.accumulate_grad_batches),
+        val_batch_size=c.data.val_batch_size,
+        num_workers=c.data.num_workers,
+        needs=inputs_for(settings.weights),
+        max_entities=c.data.max_entities,
+        max_entity_words=c.data.max_entity_words,
+        synthetic=settings.scenes,
+        seed=c.seed,
+        fallback_mask=c.data.fallback_mask,
+        mask_ignore_case=c.text.mask_ignore_case,
+        encode_empty_slots=c.text.encode_empty_slots,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=settings.resume, weights_only=True)
     metrics = validation_metrics(trainer.callback_metrics)
     if trainer.is_global_zero:
         write_json(out / "metrics.json", metrics)

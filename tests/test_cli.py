@@ -10,7 +10,8 @@ import pytest
 from hydra import compose, initialize_config_module
 
 import agree
-from agree.train import loss_weights, train
+from agree.settings import config_loss_weights as loss_weights
+from agree.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(agree.__file__).parent / "conf" / "experiment").glob("*.yaml"))
 SMALL = [

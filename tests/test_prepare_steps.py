@@ -214,7 +214,10 @@ def test_karpathy_bad_input_names_file_and_element(tmp_path, edit, fragments):
         (["karpathy", "root"], ["'root' is not key=value"]),
         (["karpathy", "root=x"], ["missing required images, karpathy"]),
         (["entities", "input=x", "shard_size=many"], ["shard_size", "many"]),
-        (["ground", "root=x", "images=y", "model=ViT-Nope"], ["model='ViT-Nope' is not an open_clip model"]),
+        (
+            ["ground", "root=x", "images=y", "model=ViT-Nope"],
+            ["model=ViT-Nope is not an open_clip architecture"],
+        ),
     ],
 )
 def test_cli_errors_say_what_is_valid(argv, fragments, capsys):
@@ -234,7 +237,7 @@ def test_preprocessing_of_other_backbones_without_weights():
     siglip = Preprocess.for_model("ViT-B-16-SigLIP", "webli", image_size=96)
     assert siglip.size == 96 and siglip.mean == (0.5, 0.5, 0.5)
     assert Preprocess.for_model("ViT-L-14-quickgelu", "openai").size == 224
-    with pytest.raises(ConfigError, match="not a tag of"):
+    with pytest.raises(ConfigError, match="neither a file nor a pretrained tag of"):
         Preprocess.for_model("ViT-B-32", "no-such-tag")
 
 

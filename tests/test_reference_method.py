@@ -21,7 +21,6 @@ import yaml
 from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import OmegaConf
 
-from agree.checks import device_batch_size
 from agree.config import resolve_precision
 from agree.data.datasets import CollateTrain, random_square
 from agree.data.pixels import black
@@ -31,6 +30,7 @@ from agree.evaluate import evaluate
 from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
 from agree.model.module import agree_losses
 from agree.retrieval.extraction import entity_texts, model_features
+from agree.settings import device_batch_size
 from agree.train import train
 
 from .test_cli import SMALL, config

@@ -14,6 +14,7 @@ from agree.data.entities import PROMPT_TEMPLATE, kept_entities, slot_mask
 from agree.data.npz_images import NpzImages
 from agree.data.pixels import black
 from agree.data.records import NO_GROUNDING_LABEL, TrainRecord, ValRecord
+from agree.model.registry import inputs_for  # noqa: F401  (what ``needs`` holds: see the registry)
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -46,25 +47,6 @@ def slot_texts(
 def text_key(text: str) -> int:
     """A stable id of a text (the same on every rank), to spot duplicate pairs in a batch."""
     return zlib.crc32(text.encode("utf-8"))
-
-
-# The inputs each loss needs beyond images and captions; a loss with weight 0 loads none of its own.
-LOSS_INPUTS = {
-    "clip": frozenset(),
-    "prompt": frozenset({"prompts"}),
-    "text_mask": frozenset({"masked_captions"}),
-    "vg_contrast": frozenset({"vg"}),
-    "vg_mask": frozenset({"vg", "vg_masked"}),
-    "ground_mask": frozenset({"ground_masked"}),
-}
-
-
-def inputs_for(loss_weights: dict[str, float]) -> frozenset[str]:
-    """The entity inputs the enabled losses (weight > 0) need."""
-    unknown = set(loss_weights) - set(LOSS_INPUTS)
-    if unknown:
-        raise ValueError(f"unknown loss {sorted(unknown)}; the losses are {sorted(LOSS_INPUTS)}")
-    return frozenset().union(*(LOSS_INPUTS[name] for name, w in loss_weights.items() if w > 0))
 
 
 @dataclass

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
+from agree.errors import ConfigError
+
 open_clip.add_model_config(Path(__file__).parent / "configs")  # the tiny CPU config ("agree-tiny")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -29,35 +31,51 @@ OmegaConf.register_new_resolver("agree_weights", embedded_weights, replace=True)
 CHECKPOINT_KEY = "agree_model_name"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ConfigError):
     """The model could not be built or its weights loaded; the message says what to do."""
+
+
+WEIGHT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
+
+
+def check_model(
+    name: str,
+    pretrained: str | None = None,
+    keys: tuple[str, str] = ("model.name", "model.pretrained"),
+    activation: bool = True,
+) -> None:
+    """``name`` is an open_clip architecture and ``pretrained`` null, an existing file or one of its
+    tags: the one check of the model keys (``keys``: their names in the command's config) of every
+    command. ``activation``: the tag's weights also need the activation ``name`` uses (QuickGELU)."""
+    if name not in open_clip.list_models():
+        hint = "choose model=tiny, vit_b32 or vit_l14, or " if keys[0] == "model.name" else "choose "
+        raise ModelLoadError(
+            f"{keys[0]}={name} is not an open_clip architecture; {hint}a name of open_clip.list_models()"
+        )
+    if not pretrained or Path(pretrained).expanduser().is_file():
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if Path(pretrained).suffix in WEIGHT_SUFFIXES or "/" in str(pretrained) or pretrained not in tags:
+        raise ModelLoadError(
+            f"{keys[1]}={pretrained} is neither a file nor a pretrained tag of {name}: file not found "
+            f"({Path(pretrained).expanduser().resolve()}); give an existing weights file, null, or a tag: "
+            f"the tags are {tags}"
+        )
+    tag_cfg, model_cfg = open_clip.get_pretrained_cfg(name, pretrained), open_clip.get_model_config(name)
+    if activation and tag_cfg.get("quick_gelu") and not model_cfg.get("quick_gelu"):
+        # open_clip only warns, and accuracy drops silently (and a reloaded checkpoint would differ)
+        raise ModelLoadError(
+            f"{pretrained!r} weights were trained with QuickGELU: use {keys[0]}={name}-quickgelu, not {name}"
+        )
 
 
 def create_clip(name: str, pretrained: str | None = None) -> torch.nn.Module:
     """Build the open_clip model ``name`` with ``pretrained`` weights (or random init if None)."""
-    if name not in open_clip.list_models():
-        raise ModelLoadError(
-            f"model.name={name!r} is not an open_clip architecture; see open_clip.list_models()"
-        )
-    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
-    if tag_cfg.get("quick_gelu") and not open_clip.get_model_config(name).get("quick_gelu"):
-        # open_clip only warns, and accuracy drops silently (and a reloaded checkpoint would differ)
-        raise ModelLoadError(
-            f"{pretrained!r} weights were trained with QuickGELU: use model.name={name}-quickgelu, not {name}"
-        )
+    check_model(name, pretrained)
     if pretrained and Path(pretrained).suffix == ".ckpt":
         model = open_clip.create_model(name, pretrained=None, output_dict=True)
         load_training_checkpoint(model, name, pretrained)
         return model
-    if (
-        pretrained
-        and not Path(pretrained).is_file()
-        and pretrained not in open_clip.list_pretrained_tags_by_model(name)
-    ):
-        raise ModelLoadError(
-            f"model.pretrained={pretrained!r} is neither a file nor a pretrained tag of {name} "
-            f"(tags: {open_clip.list_pretrained_tags_by_model(name)})"
-        )
     try:
         return open_clip.create_model(name, pretrained=pretrained or None, output_dict=True)
     except RuntimeError as e:
@@ -68,19 +86,12 @@ def create_clip(name: str, pretrained: str | None = None) -> torch.nn.Module:
 def preprocess_config(name: str, pretrained: str | None = None, image_size: int | None = None) -> dict:
     """open_clip's evaluation preprocessing of model ``name`` with tag ``pretrained`` (no weights loaded):
     ``size``, ``mean``, ``std``, interpolation and resize mode. A weights file keeps the defaults."""
+    check_model(name, pretrained, activation=False)
     model_cfg = open_clip.get_model_config(name)
-    if model_cfg is None:
-        raise ModelLoadError(f"model={name!r} is not an open_clip model (see open_clip.list_models())")
     cfg = merge_preprocess_dict(PreprocessCfg(), model_cfg.get("preprocess_cfg", {}))
     cfg["size"] = model_cfg.get("vision_cfg", {}).get("image_size", cfg["size"])
     if pretrained:
-        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
-        if not tag_cfg and not Path(pretrained).is_file():
-            raise ModelLoadError(
-                f"pretrained={pretrained!r} is not a tag of {name} "
-                f"(tags: {open_clip.list_pretrained_tags_by_model(name)}); use null for the model's defaults"
-            )
-        cfg = merge_preprocess_dict(cfg, tag_cfg)
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(name, pretrained))
     if image_size:
         cfg["size"] = image_size
     return cfg

@@ -6,12 +6,9 @@ import math
 
 import lightning as L
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
-from agree.data.entities import scatter_slots
-from agree.model import losses
 from agree.model.clip import CHECKPOINT_KEY, create_clip, encode_image, encode_text
+from agree.model.registry import IMAGE_PARTS, LOSSES, TEXT_PARTS, LossBatch
 from agree.retrieval.recall_metric import RetrievalRecallMetric
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -64,21 +61,6 @@ def schedule_steps(trainer: L.Trainer, schedule_epochs: int | None) -> int:
     return int(schedule_epochs * per_epoch)
 
 
-def gather_rows(x: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, int]:
-    """(rows of every rank concatenated, this rank's offset); gradients reach the local rows.
-
-    Equal row counts on every rank are assumed (the train loader drops the last batch).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    if with_grad:
-        parts = dist_fn.all_gather(x)
-    else:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
-    return torch.cat(parts), dist.get_rank() * x.shape[0]
-
-
 def _encode_parts(encode, model, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Encode every tensor in ``parts`` in one call and split the features back by name."""
     sizes = [len(t) for t in parts.values()]
@@ -101,73 +83,13 @@ def agree_losses(
     All image variants go through the image tower in one call and all text variants
     (captions, entity prompts, masked captions, VG prompts) through the text tower in one call.
     """
-    on = {name for name, w in weights.items() if w > 0}
-    scale = model.logit_scale.exp()
-    images = {"image": batch["images"]}
-    texts = {"caption": batch["captions"]}
-    if on & {"vg_contrast", "vg_mask"}:
-        images["vg"] = batch["vg_images"]
-        texts["vg_prompt"] = batch["vg_prompts"]
-    if "vg_mask" in on:
-        images["vg_masked"] = batch["vg_masked_images"]
-    if "ground_mask" in on:
-        images["ground_masked"] = batch["ground_masked_images"]
-    if "prompt" in on:
-        texts["prompt"] = batch["prompts"]
-    if "text_mask" in on:
-        texts["masked"] = batch["masked_captions"]
+    on = [name for name in LOSSES if weights.get(name, 0) > 0]
+    parts = set().union(*(LOSSES[name].parts for name in on))
+    images = {part: batch[key] for part, key in IMAGE_PARTS.items() if part == "image" or part in parts}
+    texts = {part: batch[key] for part, key in TEXT_PARTS.items() if part == "caption" or part in parts}
     f = {**_encode_parts(encode_image, model, images), **_encode_parts(encode_text, model, texts)}
-
-    image_all, offset = gather_rows(f["image"])
-    caption_all, _ = gather_rows(f["caption"])
-    global_n = len(image_all)
-
-    def keys(*ids: torch.Tensor) -> torch.Tensor | None:
-        """Gathered ids whose matches are left out of the negatives (None: keep every negative)."""
-        return gather_rows(torch.stack(ids, -1), with_grad=False)[0] if skip_duplicate_negatives else None
-
-    out = {}
-    if "clip" in on:
-        pair_keys = keys(batch["image_keys"], batch["caption_keys"])
-        out["clip"] = losses.contrastive_loss(
-            f["image"], f["caption"], scale, image_all, caption_all, offset, None, pair_keys
-        )
-    if on & {"prompt", "text_mask"}:
-        valid = batch["entity_valid"]
-        valid_all, _ = gather_rows(valid, with_grad=False)
-    if "prompt" in on:
-        slots = scatter_slots(f["prompt"], valid)
-        slots_all, _ = gather_rows(slots)
-        slot_keys = keys(batch["image_keys"][:, None].expand_as(valid), batch["entity_keys"])
-        out["prompt"] = losses.slot_contrastive_loss(
-            f["image"], slots, scale, valid_all, image_all, slots_all, offset, slot_keys
-        )
-    positive = (f["image"] * f["caption"]).sum(-1)
-    if "text_mask" in on:
-        masked = scatter_slots(f["masked"], valid)
-        negative = (f["image"][:, None] * masked).sum(-1)
-        out["text_mask"] = losses.margin_ranking_loss(
-            positive, negative, scale, margin, valid, global_n, margin_gradient
-        )
-    if "vg_contrast" in on:
-        vg_all, _ = gather_rows(f["vg"])
-        vg_prompt_all, _ = gather_rows(f["vg_prompt"])
-        vg_keys = keys(batch["vg_keys"])
-        out["vg_contrast"] = losses.contrastive_loss(
-            f["vg"], f["vg_prompt"], scale, vg_all, vg_prompt_all, offset, None, vg_keys
-        )
-    if "vg_mask" in on:
-        vg_positive = (f["vg"] * f["vg_prompt"]).sum(-1)
-        vg_negative = (f["vg_masked"] * f["vg_prompt"]).sum(-1)
-        out["vg_mask"] = losses.margin_ranking_loss(
-            vg_positive, vg_negative, scale, margin, None, global_n, margin_gradient
-        )
-    if "ground_mask" in on:
-        ground_negative = (f["ground_masked"] * f["caption"]).sum(-1)
-        out["ground_mask"] = losses.margin_ranking_loss(
-            positive, ground_negative, scale, margin, None, global_n, margin_gradient
-        )
-    return out
+    shared = LossBatch(f, batch, model.logit_scale.exp(), margin, skip_duplicate_negatives, margin_gradient)
+    return {name: LOSSES[name].compute(shared) for name in on}
 
 
 class AgreeModule(L.LightningModule):

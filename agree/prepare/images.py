@@ -26,7 +26,6 @@ from torchvision.transforms import Compose, Normalize
 from agree.data.pixels import Box, normalise
 from agree.errors import ConfigError, DataFormatError
 from agree.model import clip
-from agree.model.clip import ModelLoadError
 from agree.prepare.shards import ShardResult
 
 MAX_PIXELS = 89_478_485  # Pillow's default limit: larger images are refused before decoding (bombs)
@@ -59,14 +58,6 @@ def image_file(images: Path, image: str) -> Path:
     return images.joinpath(*PurePosixPath(image).parts[1:])
 
 
-def preprocess_config(model: str, pretrained: str | None = None, image_size: int | None = None) -> dict:
-    """open_clip's preprocessing settings of ``model`` (see ``agree.model.clip``), as a prepare error."""
-    try:
-        return clip.preprocess_config(model, pretrained, image_size)
-    except ModelLoadError as e:
-        raise ConfigError(str(e)) from None
-
-
 @dataclass(frozen=True)
 class Preprocess:
     """A model's evaluation preprocessing: ``geometry`` (PIL, to S×S), then ``mean``/``std``."""
@@ -80,7 +71,8 @@ class Preprocess:
     def for_model(
         cls, model: str, pretrained: str | None = None, image_size: int | None = None
     ) -> Preprocess:
-        cfg = preprocess_config(model, pretrained, image_size)
+        clip.check_model(model, pretrained, ("model", "pretrained"), activation=False)
+        cfg = clip.preprocess_config(model, pretrained, image_size)
         steps = image_transform_v2(PreprocessCfg(**cfg), is_train=False).transforms
         *geometry, convert, to_tensor, norm = steps
         if not (

@@ -1,0 +1,212 @@
+"""The AGREE losses, one entry each: name -> batch inputs -> release files -> how it is computed.
+
+Every other place that knows the losses reads this table: the datasets (``inputs_for``: what
+to load), the config checks (``loss_weights``, ``loss_files``), ``module.agree_losses`` (which
+features to encode, and each loss's value) and the ablation sweep (a test holds
+``conf/experiment/ablation.yaml``'s list equal to ``LOSSES``). It imports only torch and the
+pure loss functions, so the data layer may read it without loading the model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from agree.data.entities import scatter_slots
+from agree.errors import ConfigError
+from agree.model import losses
+
+# The files an entity input is read from: (its path in a ``ReleaseLayout``, the key of its folder).
+INPUT_FILES: dict[str, tuple[tuple[Callable[[Any], Path], str], ...]] = {
+    "ground_masked": ((lambda layout: layout.grounding_npz, "data.root"),),
+    "vg": (
+        (lambda layout: layout.vg_images_npz, "data.vg_root"),
+        (lambda layout: layout.vg_vocab, "data.vg_root"),
+        (lambda layout: layout.image_objects("train"), "data.root"),
+    ),
+    "vg_masked": ((lambda layout: layout.vg_mask_images_npz, "data.vg_root"),),
+}
+# Feature name -> batch key, in the order they are concatenated for one encoder call.
+IMAGE_PARTS = {
+    "image": "images",
+    "vg": "vg_images",
+    "vg_masked": "vg_masked_images",
+    "ground_masked": "ground_masked_images",
+}
+TEXT_PARTS = {
+    "caption": "captions",
+    "vg_prompt": "vg_prompts",
+    "prompt": "prompts",
+    "masked": "masked_captions",
+}
+
+
+def gather_rows(x: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, int]:
+    """(rows of every rank concatenated, this rank's offset); gradients reach the local rows.
+
+    Equal row counts on every rank are assumed (the train loader drops the last batch).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    if with_grad:
+        parts = dist_fn.all_gather(x)
+    else:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+    return torch.cat(parts), dist.get_rank() * x.shape[0]
+
+
+@dataclass
+class LossBatch:
+    """What the losses of one training step share: the encoded features (``f``, by part name),
+    the batch, the logit scale, the gathered images and captions and the loss options."""
+
+    f: dict[str, torch.Tensor]
+    batch: dict
+    scale: torch.Tensor
+    margin: float
+    skip_duplicate_negatives: bool
+    margin_gradient: bool
+
+    def __post_init__(self) -> None:
+        self.image_all, self.offset = gather_rows(self.f["image"])
+        self.caption_all, _ = gather_rows(self.f["caption"])
+        self.global_n = len(self.image_all)
+
+    def keys(self, *ids: torch.Tensor) -> torch.Tensor | None:
+        """Gathered ids whose matches are left out of the negatives (None: keep every negative)."""
+        if not self.skip_duplicate_negatives:
+            return None
+        return gather_rows(torch.stack(ids, -1), with_grad=False)[0]
+
+    @cached_property
+    def valid_all(self) -> torch.Tensor:
+        """[global B, slots] bool: the used entity slots of every rank."""
+        return gather_rows(self.batch["entity_valid"], with_grad=False)[0]
+
+    @cached_property
+    def positive(self) -> torch.Tensor:
+        """[B] s(v, t) of each image and its caption."""
+        return (self.f["image"] * self.f["caption"]).sum(-1)
+
+    def slots(self, part: str) -> torch.Tensor:
+        """[B, slots, D] the features of ``part``'s real entity slots scattered into place, 0 elsewhere."""
+        return scatter_slots(self.f[part], self.batch["entity_valid"])
+
+    def margin_loss(self, positive, negative, valid=None) -> torch.Tensor:
+        return losses.margin_ranking_loss(
+            positive, negative, self.scale, self.margin, valid, self.global_n, self.margin_gradient
+        )
+
+
+def _clip(b: LossBatch) -> torch.Tensor:
+    pair_keys = b.keys(b.batch["image_keys"], b.batch["caption_keys"])
+    return losses.contrastive_loss(
+        b.f["image"], b.f["caption"], b.scale, b.image_all, b.caption_all, b.offset, None, pair_keys
+    )
+
+
+def _prompt(b: LossBatch) -> torch.Tensor:
+    slots = b.slots("prompt")
+    valid = b.batch["entity_valid"]
+    slots_all, _ = gather_rows(slots)
+    slot_keys = b.keys(b.batch["image_keys"][:, None].expand_as(valid), b.batch["entity_keys"])
+    return losses.slot_contrastive_loss(
+        b.f["image"], slots, b.scale, b.valid_all, b.image_all, slots_all, b.offset, slot_keys
+    )
+
+
+def _text_mask(b: LossBatch) -> torch.Tensor:
+    negative = (b.f["image"][:, None] * b.slots("masked")).sum(-1)
+    return b.margin_loss(b.positive, negative, b.batch["entity_valid"])
+
+
+def _vg_contrast(b: LossBatch) -> torch.Tensor:
+    vg_all, _ = gather_rows(b.f["vg"])
+    vg_prompt_all, _ = gather_rows(b.f["vg_prompt"])
+    return losses.contrastive_loss(
+        b.f["vg"],
+        b.f["vg_prompt"],
+        b.scale,
+        vg_all,
+        vg_prompt_all,
+        b.offset,
+        None,
+        b.keys(b.batch["vg_keys"]),
+    )
+
+
+def _vg_mask(b: LossBatch) -> torch.Tensor:
+    positive = (b.f["vg"] * b.f["vg_prompt"]).sum(-1)
+    return b.margin_loss(positive, (b.f["vg_masked"] * b.f["vg_prompt"]).sum(-1))
+
+
+def _ground_mask(b: LossBatch) -> torch.Tensor:
+    return b.margin_loss(b.positive, (b.f["ground_masked"] * b.f["caption"]).sum(-1))
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One AGREE loss: the entity inputs its batches carry beyond images and captions (the
+    dataset loads them, and their files must exist), the feature parts it needs encoded
+    (``IMAGE_PARTS``/``TEXT_PARTS``) and its unweighted value for one batch."""
+
+    inputs: frozenset[str]
+    parts: frozenset[str]
+    compute: Callable[[LossBatch], torch.Tensor]
+
+
+# In this order the losses are computed and summed (SPEC §1).
+LOSSES: dict[str, Loss] = {
+    "clip": Loss(frozenset(), frozenset(), _clip),
+    "prompt": Loss(frozenset({"prompts"}), frozenset({"prompt"}), _prompt),
+    "text_mask": Loss(frozenset({"masked_captions"}), frozenset({"masked"}), _text_mask),
+    "vg_contrast": Loss(frozenset({"vg"}), frozenset({"vg", "vg_prompt"}), _vg_contrast),
+    "vg_mask": Loss(frozenset({"vg", "vg_masked"}), frozenset({"vg", "vg_prompt", "vg_masked"}), _vg_mask),
+    "ground_mask": Loss(frozenset({"ground_masked"}), frozenset({"ground_masked"}), _ground_mask),
+}
+
+
+def inputs_for(loss_weights: Mapping[str, float]) -> frozenset[str]:
+    """The entity inputs the enabled losses (weight > 0) need."""
+    unknown = set(loss_weights) - set(LOSSES)
+    if unknown:
+        raise ConfigError(f"unknown loss {sorted(unknown)}; the losses are {list(LOSSES)}")
+    return frozenset().union(*(LOSSES[name].inputs for name, w in loss_weights.items() if w > 0))
+
+
+def loss_files(layout, name: str) -> list[tuple[Path, str]]:
+    """The release files loss ``name`` reads (``layout``: a ``ReleaseLayout``), each with the key
+    of its folder."""
+    return [
+        (path(layout), key) for need in sorted(LOSSES[name].inputs) for path, key in INPUT_FILES.get(need, ())
+    ]
+
+
+def loss_weights(weights: Mapping[str, object], drop_loss: str | None = None) -> dict[str, float]:
+    """The ``losses`` weights checked (known losses, numbers >= 0, one > 0), ``drop_loss`` set to 0."""
+    checked = {}
+    for name, weight in weights.items():
+        if name not in LOSSES:
+            raise ConfigError(f"losses.{name} is not a loss; the losses are {sorted(LOSSES)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ConfigError(
+                f"losses.{name}={weight}: a loss weight is a number >= 0 (0 turns the loss off)"
+            )
+        checked[name] = float(weight)
+    if drop_loss not in (None, "none"):
+        if drop_loss not in checked:
+            raise ConfigError(f"drop_loss={drop_loss!r} is not a loss; choose one of {sorted(checked)}")
+        checked[drop_loss] = 0.0
+    if not any(checked.values()):
+        raise ConfigError(
+            "every losses.* weight is 0: nothing to train; set losses.clip=1 (or choose losses=agree)"
+        )
+    return checked
