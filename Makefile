@@ -31,10 +31,12 @@ lint: install
 demo: install
 	$(PY) -m agree.demo output_dir=$(DEMO_DIR)
 
+# RELEASE_DIR=PATH/EasyNLP/examples/agree adds the side by side with the release's scripts
 bench: install
 	$(PY) scripts/bench_training_step.py
 	$(PY) scripts/bench_device.py
 	$(PY) scripts/bench_retrieval.py --skip-large
+	$(PY) scripts/bench_release.py $(if $(RELEASE_DIR),--release-dir $(RELEASE_DIR))
 
 # Removes only the folders the demo and the data generator made (they carry a marker file);
 # training runs, evaluations and the user's data are kept.

@@ -8,13 +8,14 @@ import torch.multiprocessing as mp
 
 from agree.config import loss_weights_preset
 from agree.data.datamodule import AgreeDataModule
-from agree.data.datasets import CollateTrain, EntitySources, TrainCaptions, inputs_for
+from agree.data.datasets import CollateTrain, EntitySources, TrainCaptions
 from agree.data.layout import ReleaseLayout
 from agree.data.npz_images import NpzImages
 from agree.data.records import TrainRecord
 from agree.errors import DataFormatError
 from agree.model.clip import create_clip, get_tokenizer
 from agree.model.module import agree_losses
+from agree.model.registry import inputs_for
 
 WEIGHTS = loss_weights_preset("agree")
 ENTITY_LOSSES = [name for name in WEIGHTS if name != "clip"]

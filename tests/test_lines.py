@@ -51,3 +51,17 @@ def test_parallel_read_names_the_bad_line(tmp_path, small_ranges) -> None:
     path.write_bytes(b"\n".join(text))
     with pytest.raises(DataFormatError, match=rf"^{path}:32: duplicate image_id '?1001"):
         read_feature_jsonl(path, "image_id")
+
+
+def test_blank_lines_crlf_and_a_last_line_without_newline(tmp_path) -> None:
+    """Lines are cut from the range's bytes without copies: numbering and blank lines as before."""
+    path, rows = features(tmp_path, n=3)
+    first, second, third = path.read_bytes().split(b"\n")[:3]
+    body = first + b"\r\n \t\x0b\x0c\r\n\n" + second + b"\n" + third  # lines 1-5, no final newline
+    path.write_bytes(body)
+    ids, got = read_feature_jsonl(path, "image_id")
+    assert ids == ["1000", "1001", "1002"]
+    np.testing.assert_array_equal(got, rows)
+    path.write_bytes(body + b"\n{")
+    with pytest.raises(DataFormatError, match=rf"^{path}:6: malformed JSON"):
+        read_feature_jsonl(path, "image_id")

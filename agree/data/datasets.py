@@ -14,7 +14,6 @@ from agree.data.entities import PROMPT_TEMPLATE, kept_entities, slot_mask
 from agree.data.npz_images import NpzImages
 from agree.data.pixels import black
 from agree.data.records import NO_GROUNDING_LABEL, TrainRecord, ValRecord
-from agree.model.registry import inputs_for  # noqa: F401  (what ``needs`` holds: see the registry)
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 

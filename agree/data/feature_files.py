@@ -18,6 +18,7 @@ import orjson
 from numpy.typing import ArrayLike
 
 from agree.atomic import atomic_path, write_json, write_npy
+from agree.data.fast_feature_rows import fast_feature_row
 from agree.data.json_lines import check_fields, check_unique, decode_utf8, json_id, parse_id, show
 from agree.data.lines import parsed_lines
 from agree.errors import DataFormatError, one_line
@@ -35,8 +36,17 @@ def _number_array(value: Any) -> np.ndarray | None:
         return array.astype(np.float32)
 
 
-def _feature_row(line: bytes, where: str, id_key: str) -> tuple[str, np.ndarray]:
-    """(canonical id, float32 array) of one feature JSONL line; ``where`` locates it in errors."""
+def _feature_row(line: bytes | memoryview, where: str, id_key: str) -> tuple[str, np.ndarray]:
+    """(canonical id, float32 array) of one feature JSONL line; ``where`` locates it in errors.
+
+    Plain rows take the fast path (:mod:`agree.data.fast_feature_rows`); the others are validated.
+    """
+    return fast_feature_row(line, id_key, where) or _validated_row(line, where, id_key)
+
+
+def _validated_row(line: bytes | memoryview, where: str, id_key: str) -> tuple[str, np.ndarray]:
+    """:func:`_feature_row` through orjson with every check; a bad line raises its one-line error."""
+    line = bytes(line)
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError:

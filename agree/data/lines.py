@@ -19,7 +19,8 @@ from typing import Any
 RANGE_BYTES = 16 << 20
 MAX_WORKERS = 8
 
-LineParser = Callable[[bytes, str], Any]
+# a function of the raw line (bytes, or a memoryview of them) and its location
+LineParser = Callable[[bytes | memoryview, str], Any]
 
 
 def _byte_ranges(path: Path, size: int, range_bytes: int) -> list[tuple[int, int]]:
@@ -36,22 +37,34 @@ def _byte_ranges(path: Path, size: int, range_bytes: int) -> list[tuple[int, int
 def _parse_range(
     path: Path, parse: LineParser, byte_range: tuple[int, int]
 ) -> tuple[int, list[tuple[int, Any]], tuple[int, int] | None]:
-    """(lines in the range, [(line index, parse(line, ""))], first failing (index, byte offset) or None)."""
+    """(lines in the range, [(line index, parse(line, ""))], first failing (index, byte offset) or None).
+
+    Each line is passed as a memoryview of the range's bytes: splitting would copy the whole range.
+    """
     start, stop = byte_range
     with open(path, "rb") as f:
         f.seek(start)
-        lines = f.read(stop - start).split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    parsed, offset = [], start
-    for index, line in enumerate(lines):
-        if line.strip():
+        data = f.read(stop - start)
+    view, parsed, index, at = memoryview(data), [], 0, 0
+    while at < len(data):
+        end = data.find(b"\n", at)
+        end = len(data) if end < 0 else end
+        line = view[at:end]
+        if _nonblank(line):
             try:
                 parsed.append((index, parse(line, "")))
             except ValueError:
-                return len(lines), parsed, (index, offset)
-        offset += len(line) + 1
-    return len(lines), parsed, None
+                return index + 1, parsed, (index, start + at)
+        index, at = index + 1, end + 1
+    return index, parsed, None
+
+
+def _nonblank(line: memoryview) -> bool:
+    """Whether the line holds more than ASCII whitespace (the first byte tells, but for blank lines)."""
+    return bool(line) and (line[0] not in _WHITESPACE or bool(bytes(line).strip()))
+
+
+_WHITESPACE = frozenset(b" \t\r\x0b\x0c")
 
 
 def _default_workers() -> int:

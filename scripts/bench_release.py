@@ -1,0 +1,211 @@
+"""Side by side with the release's own evaluation scripts, from the same JSONL feature files.
+
+    python scripts/bench_release.py --release-dir PATH/EasyNLP/examples/agree [--full]
+
+The release's zero-shot re-ranking (``run_flickr30k_zs_rerank.sh`` after feature extraction:
+``eval/make_topk_predictions_mask+prompt.py`` with top-20 and batch 32, ``eval/eval_back_retrieval.py``,
+``eval/evaluation.py`` for each direction) against ``python -m agree.evaluate method=reference
+rerank=egr_tbr`` on the same files: parse, exact search, EGR, TBR, predictions and recalls written.
+Each side runs as its own processes; the wall time of each and their ratio are printed, then the
+outputs are compared (the same EGR and TBR top-20 lists and the same recalls), so the two did
+equal work.
+
+The release's scripts are not shipped here: point ``--release-dir`` (or ``AGREE_RELEASE_DIR``) at
+``examples/agree`` of an EasyNLP checkout. They run unmodified; the one change needed on a machine
+without a GPU is made from outside: ``Tensor.cuda`` returns the tensor itself (``--run-release``).
+
+Default size: 200 images x 1,000 captions (the release's per-pair Python loops take minutes at full
+size); ``--full``: Flickr30k test size, 1,000 x 5,000. Both: 10 entity vectors per caption (the
+release's files always hold 10), 768-d.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agree.data.evaluation_files import read_predictions  # noqa: E402
+from agree.data.feature_files import write_feature_jsonl  # noqa: E402
+
+SLOTS, DIM = 10, 768
+STAGES = {"egr": "", "tbr": "_rerank"}  # our stage -> suffix of the release's prediction files
+
+
+def run_release(script: str, args: list[str]) -> None:
+    """Run one of the release's scripts in this process as ``__main__``, on the CPU when no GPU."""
+    if not torch.cuda.is_available():
+        torch.Tensor.cuda = lambda self, *a, **k: self  # the scripts move every tensor with .cuda()
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+
+
+def write_inputs(folder: Path, n_images: int, n_texts: int) -> dict[str, Path]:
+    """Release-format features and annotations: 5 captions per image, 10 entity vectors each."""
+    g = torch.Generator().manual_seed(0)
+
+    def unit(*shape: int) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+    images = unit(n_images, DIM)
+    # captions near their image, but not so near that every recall is 100
+    texts = torch.nn.functional.normalize(unit(n_texts, DIM) + 0.08 * images.repeat_interleave(5, 0), dim=-1)
+    prompts = unit(n_texts, SLOTS, DIM)
+    masks = torch.nn.functional.normalize(unit(n_texts, SLOTS, DIM) + texts[:, None], dim=-1)
+    image_ids = [str(1000000 + i) for i in range(n_images)]
+    text_ids = [str(i) for i in range(n_texts)]
+    paths = {name: folder / f"{name}.jsonl" for name in ("images", "texts", "prompts", "masks")}
+    write_feature_jsonl(paths["images"], "image_id", image_ids, images.numpy())
+    write_feature_jsonl(paths["texts"], "query_id", text_ids, texts.numpy())
+    valid = torch.ones(n_texts, SLOTS, dtype=torch.bool).numpy()
+    write_feature_jsonl(paths["prompts"], "query_id", text_ids, prompts.numpy(), valid)
+    write_feature_jsonl(paths["masks"], "query_id", text_ids, masks.numpy(), valid)
+    annotations = {
+        "test_images": [
+            {"image_id": int(i), "item_ids": list(range(n * 5, n * 5 + 5))} for n, i in enumerate(image_ids)
+        ],
+        "test_texts": [
+            {"query_id": q, "query_text": f"caption {q}", "item_ids": [int(image_ids[q // 5])]}
+            for q in range(n_texts)
+        ],
+        "text_segs": [
+            {"query_id": q, "query_text": f"caption {q}", "items": [f"entity {j}" for j in range(SLOTS)]}
+            for q in range(n_texts)
+        ],
+    }
+    for name, rows in annotations.items():
+        paths[name] = folder / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def timed(command: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with open(log, "ab") as out:
+        subprocess.run(command, check=True, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    return time.perf_counter() - start
+
+
+def release_side(release: Path, p: dict[str, Path], out: Path) -> float:
+    """The release's scripts as run_flickr30k_zs_rerank.sh runs them; their total wall time."""
+    eval_dir, log = release / "eval", out / "release.log"
+    shim = [sys.executable, __file__, "--run-release"]
+    t2i, i2t = (out / f"test_{name}_predictions_mask+prompt.jsonl" for name in ("texts", "images"))
+    t2i_tbr, i2t_tbr = (path.with_name(path.stem + "_rerank.jsonl") for path in (t2i, i2t))
+    steps = [
+        [str(eval_dir / "make_topk_predictions_mask+prompt.py"), f"--image-feats={p['images']}",
+         f"--text-feats={p['texts']}", f"--mask-feats={p['masks']}", f"--prompt-feats={p['prompts']}",
+         "--top-k=20", "--eval-batch-size=32", f"--output-images={i2t}", f"--output-texts={t2i}"],
+        [str(eval_dir / "eval_back_retrieval.py"), str(p["test_images"]), str(i2t), str(p["test_texts"]),
+         str(t2i), str(i2t_tbr), str(t2i_tbr)],
+        [str(eval_dir / "evaluation.py"), str(p["test_texts"]), str(t2i_tbr),
+         str(out / "text_output_mask+prompt_rerank.json"), "query_id"],
+        [str(eval_dir / "evaluation.py"), str(p["test_images"]), str(i2t_tbr),
+         str(out / "image_output_mask+prompt_rerank.json"), "image_id"],
+    ]  # fmt: skip
+    return sum(timed([*shim, *step], log) for step in steps)
+
+
+def our_side(p: dict[str, Path], out: Path) -> float:
+    """``python -m agree.evaluate`` on the feature files, as one process; its wall time."""
+    command = [
+        sys.executable, "-m", "agree.evaluate", "method=reference", "rerank=egr_tbr", f"output_dir={out}",
+        f"annotations.images={p['test_images']}", f"annotations.texts={p['test_texts']}",
+        f"annotations.text_segs={p['text_segs']}", f"features.image_jsonl={p['images']}",
+        f"features.text_jsonl={p['texts']}", f"features.prompt_jsonl={p['prompts']}",
+        f"features.mask_jsonl={p['masks']}",
+    ]  # fmt: skip
+    return timed(command, out.parent / "ours.log")
+
+
+# two candidates whose final EGR scores differ by less than this are a near-tie: the release sums in
+# Python floats (float64), we in float32, so such a pair may come out in either order
+NEAR_TIE = 1e-6
+
+
+def _egr_scores(path: Path) -> dict[str, dict[str, float]]:
+    """The release's EGR file: query -> {item: final score} (its items are [id, raw, mid, final])."""
+    rows = (json.loads(line) for line in path.read_text().splitlines())
+    return {str(r.get("query_id", r.get("image_id"))): {str(i[0]): i[3] for i in r["item_ids"]} for r in rows}
+
+
+def compare(release_out: Path, ours: Path) -> tuple[list[str], int]:
+    """(differences between the two sides, near-ties): EGR lists may differ only by swapping
+    near-tied candidates; TBR lists and recalls only where such swaps happened."""
+    problems, near_ties = [], 0
+    for stage, suffix in STAGES.items():
+        for direction, name in (("text_to_image", "texts"), ("image_to_text", "images")):
+            release_file = release_out / f"test_{name}_predictions_mask+prompt{suffix}.jsonl"
+            theirs = {p.query_id: p.item_ids for p in read_predictions(release_file)[1]}
+            mine = {
+                p.query_id: p.item_ids
+                for p in read_predictions(ours / "predictions" / f"{stage}_{direction}.jsonl")[1]
+            }
+            differing = [q for q in theirs.keys() | mine.keys() if theirs.get(q) != mine.get(q)]
+            if stage == "egr" and differing:
+                scores = _egr_scores(release_file)
+                for q in differing:
+                    swapped = [a for a, b in zip(theirs[q], mine.get(q, ()), strict=False) if a != b]
+                    final = [scores[q].get(item, float("inf")) for item in swapped]
+                    if set(theirs[q]) == set(mine.get(q, ())) and max(final) - min(final) < NEAR_TIE:
+                        near_ties += 1
+                    else:
+                        problems.append(f"egr {direction} query {q}: release {theirs[q]}, ours {mine.get(q)}")
+            elif differing and not near_ties:
+                problems.append(f"{stage} {direction}: {len(differing)} of {len(mine)} lists differ")
+    for direction, name in (("text_to_image", "text"), ("image_to_text", "image")):
+        theirs = json.loads((release_out / f"{name}_output_mask+prompt_rerank.json").read_text())["scoreJson"]
+        mine = json.loads((ours / "evaluation" / f"tbr_{direction}.json").read_text())["scoreJson"]
+        if not near_ties and any(abs(theirs[k] - mine[k]) > 1e-9 for k in ("r1", "r5", "r10")):
+            problems.append(f"recalls {direction}: release {theirs}, ours {mine}")
+    return problems, near_ties
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--release-dir", type=Path, default=os.environ.get("AGREE_RELEASE_DIR"),
+                        help="examples/agree of an EasyNLP checkout (or AGREE_RELEASE_DIR)")  # fmt: skip
+    parser.add_argument("--full", action="store_true", help="Flickr30k test size (1,000 x 5,000)")
+    parser.add_argument("--run-release", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_release:
+        run_release(args.run_release[0], args.run_release[1:])
+        return
+    if args.release_dir is None or not (args.release_dir / "eval" / "evaluation.py").is_file():
+        print("release side by side: skipped (give --release-dir PATH/EasyNLP/examples/agree)")
+        return
+    n_images = 1000 if args.full else 200
+    print(
+        f"release side by side: {n_images:,} images x {5 * n_images:,} captions x {SLOTS} entities, {DIM}-d"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = write_inputs(tmp, n_images, 5 * n_images)
+        size = sum(paths[n].stat().st_size for n in ("images", "texts", "prompts", "masks")) / 1e9
+        print(f"    {size:.2f} GB of JSONL features")
+        (tmp / "release").mkdir()
+        theirs = release_side(args.release_dir.resolve(), paths, tmp / "release")
+        ours = our_side(paths, tmp / "ours")
+        print(f"    the release's scripts (parse, search, EGR, TBR, recalls): {theirs:.1f} s")
+        print(f"    python -m agree.evaluate (the same, one process):          {ours:.1f} s")
+        print(f"    {theirs / ours:.0f}x faster")
+        problems, near_ties = compare(tmp / "release", tmp / "ours")
+        if problems:
+            raise SystemExit("the two sides differ: " + "; ".join(problems))
+        ties = f", but for {near_ties} swaps of near-tied candidates (< {NEAR_TIE:g})" if near_ties else ""
+        print(f"    the same EGR and TBR top-20 lists and the same recalls on both sides{ties}")
+
+
+if __name__ == "__main__":
+    main()
