@@ -128,8 +128,11 @@ def model_features(
     return text_features, image_features, EntityFeatures(slots[0], slots[1], valid)
 
 
-def _in_order(ids: list[str], wanted: list[str], path, what: str) -> np.ndarray:
-    """Row indices of ``wanted`` ids in ``ids``; every annotated id must have a feature."""
+def _in_order(ids: list[str], wanted: list[str], path, what: str) -> np.ndarray | slice:
+    """Row indices of ``wanted`` ids in ``ids`` (every annotated id must have a feature); all rows,
+    as a slice that copies nothing, when the file lists exactly ``wanted`` in that order."""
+    if ids == wanted:
+        return slice(None)
     index = {key: i for i, key in enumerate(ids)}
     missing = [key for key in wanted if key not in index]
     if missing:
@@ -169,7 +172,7 @@ def jsonl_features(
             rows = (
                 rows[order]
                 if rows.shape[2]
-                else np.zeros((len(order), rows.shape[1], text_rows.shape[1]), np.float32)
+                else np.zeros((len(query_ids), rows.shape[1], text_rows.shape[1]), np.float32)
             )
             slots.append((torch.from_numpy(rows), torch.from_numpy(valid[order])))
         if not torch.equal(slots[0][1].sum(1), slots[1][1].sum(1)):
