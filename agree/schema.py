@@ -146,19 +146,13 @@ class TrainConfig:
 
 
 @dataclass
-class TextToImageWeights:
-    raw_weight: float = 0.9
-    mask_weight: float = 0.1
-    base_weight: float = 0.99
-    prompt_weight: float = 0.01
+class EgrWeights:
+    """EGR's weights of one direction (each direction's values: conf/rerank/egr.yaml)."""
 
-
-@dataclass
-class ImageToTextWeights:
-    raw_weight: float = 0.8
-    prompt_weight: float = 0.2
-    base_weight: float = 0.98
-    mask_weight: float = 0.02
+    raw_weight: float = MISSING
+    mask_weight: float = MISSING
+    base_weight: float = MISSING
+    prompt_weight: float = MISSING
 
 
 @dataclass
@@ -169,8 +163,8 @@ class RerankConfig:
     depth: int = 128  # EGR candidates per query
     max_entities: int = 10
     max_entity_words: Optional[int] = None
-    text_to_image: Optional[TextToImageWeights] = None
-    image_to_text: Optional[ImageToTextWeights] = None
+    text_to_image: Optional[EgrWeights] = None
+    image_to_text: Optional[EgrWeights] = None
 
 
 @dataclass
