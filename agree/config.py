@@ -8,15 +8,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from agree.data.layout import ReleaseLayout
+from agree.data.layout import ReleaseLayout, resolve_path
 from agree.data.synthetic import SceneConfig, ensure_generated
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def resolve_path(path: str | os.PathLike) -> Path:
-    """A user path, relative to the launch directory (Hydra does not change it; we never chdir)."""
-    return Path(path).expanduser().resolve()
 
 
 def resolve_model(cfg: DictConfig) -> None:

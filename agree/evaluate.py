@@ -25,8 +25,9 @@ from omegaconf import DictConfig
 
 from agree.atomic import replace_as_set, staging_dir
 from agree.cli import user_errors
-from agree.config import ensure_data, resolve_path
+from agree.config import ensure_data
 from agree.data.evaluation_files import OUTPUTS, RESULTS, EvaluationFiles, report_inputs, write_evaluation
+from agree.data.layout import resolve_path
 from agree.data.records import TestImage, TestText, read_test_images, read_test_texts, read_text_segs
 from agree.folders import check_entries, claim_entries
 from agree.report.table import format_table
@@ -72,7 +73,7 @@ def load_test_set(cfg: DictConfig, settings: EvaluateSettings | None = None) -> 
     if from_files:
         features = jsonl_features(cfg, texts, images, segs)
         return TestSet(texts, images, positives, *features, report_inputs=inputs)
-    features = model_features(cfg, texts, images, segs, layout)
+    features = model_features(cfg, texts, images, segs, layout, settings.model.pretrained, settings.device)
     return TestSet(texts, images, positives, *features, report_inputs=inputs)
 
 

@@ -177,7 +177,7 @@ def bench_extraction(layout, cfg, device, repeats: int = 2) -> dict:
         sync(device)
         start = time.perf_counter()
         with Timed(clip_module, "create_clip") as made, Timed(clip_module, "get_tokenizer") as tokenizer:
-            extraction.model_features(cfg, texts, images, None, layout)
+            extraction.model_features(cfg, texts, images, None, layout, None, device)
         sync(device)
         setup = made.seconds + tokenizer.seconds
         return time.perf_counter() - start - setup, setup

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from agree.data.json_lines import check_name
 from agree.data.pixels import OPENAI_MEAN, OPENAI_STD
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A user path, relative to the launch directory (Hydra does not change it; we never chdir)."""
+    return Path(path).expanduser().resolve()
 
 
 @dataclass(frozen=True)

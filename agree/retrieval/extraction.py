@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from agree.config import resolve_device, resolve_path
 from agree.data.entities import kept_entities, scatter_slots, slot_mask
 from agree.data.feature_files import read_entity_feature_jsonl, read_feature_jsonl
+from agree.data.layout import resolve_path
 from agree.data.npz_images import NpzImages
 from agree.data.records import TestImage, TestText
 from agree.errors import DataFormatError
@@ -86,20 +86,25 @@ def _extractors(cfg: DictConfig, model, tokenizer, device: torch.device):
 
 
 def model_features(
-    cfg: DictConfig, texts: list[TestText], images: list[TestImage], segs: dict | None, layout
+    cfg: DictConfig,
+    texts: list[TestText],
+    images: list[TestImage],
+    segs: dict | None,
+    layout,
+    pretrained: str | None,
+    device: torch.device,
 ):
-    """(text features, image features, entity features or None) from the configured model."""
+    """(text features, image features, entity features or None) from ``cfg.model.name`` with the
+    weights ``pretrained`` (a tag, a file or a checkpoint; None: random) on ``device``."""
     import lightning as L
 
     from agree.data.datasets import ImageArrays
     from agree.model.clip import create_clip, get_tokenizer
 
     L.seed_everything(cfg.seed, verbose=False)  # random-init weights
-    device = resolve_device(cfg.device)
     npz = NpzImages(layout.images_npz("test"), layout.image_size)
     image_ids = [im.image_id for im in images]
     npz.require(image_ids, "test image_id")
-    pretrained = str(resolve_path(cfg.ckpt_path)) if cfg.ckpt_path else cfg.model.pretrained
     model = create_clip(cfg.model.name, pretrained).to(device).eval()
     encode_images, encode_texts = _extractors(
         cfg, model, get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation), device

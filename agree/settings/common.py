@@ -10,8 +10,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from agree.config import data_layout, generated, resolve_device, resolve_path, scene_config
-from agree.data.layout import ReleaseLayout
+from agree.config import data_layout, generated, resolve_device, scene_config
+from agree.data.layout import ReleaseLayout, resolve_path
 from agree.data.synthetic import OWNER
 from agree.errors import ConfigError
 from agree.folders import check_claim

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from agree.config import data_layout, generated, resolve_model, resolve_path, scene_config
-from agree.data.layout import ReleaseLayout
+from agree.config import data_layout, generated, resolve_model, scene_config
+from agree.data.layout import ReleaseLayout, resolve_path
 from agree.data.synthetic import SceneConfig
 from agree.errors import ConfigError
 from agree.schema import EvaluateConfig
