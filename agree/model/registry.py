@@ -1,10 +1,10 @@
 """The AGREE losses, one entry each: name -> batch inputs -> release files -> how it is computed.
 
-Every other place that knows the losses reads this table: the datasets (``inputs_for``: what
-to load), the config checks (``loss_weights``, ``loss_files``), ``module.agree_losses`` (which
-features to encode, and each loss's value) and the ablation sweep (a test holds
-``conf/experiment/ablation.yaml``'s list equal to ``LOSSES``). It imports only torch and the
-pure loss functions, so the data layer may read it without loading the model code.
+Every other place that knows the losses reads this table: training (``inputs_for``: what the
+datasets load), the config checks (``loss_weights``, ``loss_files``), ``module.agree_losses``
+(which features to encode, and each loss's value), the study and the ablation sweep (a test holds
+``conf/experiment/ablation.yaml``'s list equal to ``LOSSES``). It imports only torch, the pure
+loss functions and the slot scatter: no Lightning or open_clip code.
 """
 
 from __future__ import annotations
@@ -175,10 +175,7 @@ LOSSES: dict[str, Loss] = {
 
 
 def inputs_for(loss_weights: Mapping[str, float]) -> frozenset[str]:
-    """The entity inputs the enabled losses (weight > 0) need."""
-    unknown = set(loss_weights) - set(LOSSES)
-    if unknown:
-        raise ConfigError(f"unknown loss {sorted(unknown)}; the losses are {list(LOSSES)}")
+    """The entity inputs the enabled losses (weight > 0; names checked by ``loss_weights``) need."""
     return frozenset().union(*(LOSSES[name].inputs for name, w in loss_weights.items() if w > 0))
 
 
