@@ -79,8 +79,10 @@ def _extractors(cfg: DictConfig, model, tokenizer, device: torch.device):
 
     def texts(strings: list[str], desc: str) -> torch.Tensor:
         size = cfg.batch_size
-        batches = [tokenizer(strings[i : i + size]) for i in range(0, len(strings), size)]
-        return extract(lambda x: encode_text(model, x), batches, device, desc, len(batches))
+        starts = range(0, len(strings), size)
+        # tokenised lazily: extract() reads the next batch while the encoder runs on this one
+        batches = (tokenizer(strings[i : i + size]) for i in starts)
+        return extract(lambda x: encode_text(model, x), batches, device, desc, len(starts))
 
     return images, texts
 
