@@ -43,9 +43,11 @@ def test_training_imports_nothing_from_evaluation_report_or_preparation():
 
 
 def test_the_domain_imports_no_entry_point():
-    """data/, model/ and retrieval/ never import an entry point (or the data preparation)."""
+    """data/, model/ and retrieval/ never import an entry point (or the data preparation), nor the
+    configuration layer above them: they take checked values as arguments."""
     assert "agree.data.datasets" in DOMAIN and "agree.retrieval.ground_truth" in DOMAIN
-    assert within(imported_after(*DOMAIN), ENTRY_POINTS) == []
+    above = (*ENTRY_POINTS, "agree.config", "agree.settings", "agree.schema")
+    assert within(imported_after(*DOMAIN), above) == []
 
 
 @pytest.mark.parametrize("entry", ["agree.evaluate", "agree.report"])
