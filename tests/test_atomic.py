@@ -81,7 +81,7 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_file(tmp_path, writer,
     moments, mostly mid-write, the file always loads completely, as one whole version."""
     target, started = tmp_path / f"data.{writer}", tmp_path / "started"
     shape, rng, mid_write = (4, 1024, 1024), random.Random(0), 0
-    for attempt in range(attempts):
+    for attempt in range(3 * attempts):
         started.unlink(missing_ok=True)
         process = spawn(f"""
             from pathlib import Path
@@ -112,6 +112,8 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_file(tmp_path, writer,
         assert array.shape == shape and (array == array.flat[0]).all()
         assert len(temps(target)) <= 1  # at most the killed write's own temporary file
         mid_write += len(temps(target))
+        if attempt + 1 >= attempts and mid_write:
+            break  # a kill between two writes proves less: a few more tries, until one lands mid-write
     assert mid_write  # some kill did interrupt a write
 
 
