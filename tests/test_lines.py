@@ -1,10 +1,17 @@
 """Feature JSONL files parsed by several processes read exactly as in one, errors naming the line."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 
 from agree.data import lines
-from agree.data.feature_files import read_entity_feature_jsonl, read_feature_jsonl, write_feature_jsonl
+from agree.data.feature_files import (
+    _feature_row,
+    read_entity_feature_jsonl,
+    read_feature_jsonl,
+    write_feature_jsonl,
+)
 from agree.errors import DataFormatError
 
 
@@ -65,3 +72,20 @@ def test_blank_lines_crlf_and_a_last_line_without_newline(tmp_path) -> None:
     path.write_bytes(body + b"\n{")
     with pytest.raises(DataFormatError, match=rf"^{path}:6: malformed JSON"):
         read_feature_jsonl(path, "image_id")
+
+
+def test_workers_leave_no_files_even_when_the_reader_stops_early(tmp_path, small_ranges, monkeypatch) -> None:
+    """The parsed arrays come back through files in a temporary folder, removed with every file."""
+    path, rows = features(tmp_path)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    got = [value for _, value in lines.parsed_lines(path, partial(_feature_row, id_key="image_id"))]
+    np.testing.assert_array_equal(np.stack([array for _, array in got]), rows)
+    assert all(array.flags.writeable for _, array in got)
+    assert list(scratch.iterdir()) == []
+    reader = lines.parsed_lines(path, partial(_feature_row, id_key="image_id"))
+    next(reader)
+    assert len(list(scratch.iterdir())) == 1  # the pool's folder, while it reads
+    reader.close()
+    assert list(scratch.iterdir()) == []

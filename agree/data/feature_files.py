@@ -72,49 +72,62 @@ def _validated_row(line: bytes | memoryview, where: str, id_key: str) -> tuple[s
     return parse_id(obj[id_key], where, id_key), array
 
 
-def _feature_rows(path: str | os.PathLike, id_key: str) -> Iterator[tuple[str, str, np.ndarray]]:
-    """Yield (``file:line``, canonical id, float32 array) of a feature JSONL file, in file order.
+def feature_rows(path: str | os.PathLike, id_key: str) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(``file:line``, canonical id, float32 array) of each row of a feature JSONL file, in file order.
 
     Large files are parsed by several processes (``agree.data.lines``): JSON number parsing is the
-    cost of reading these files.
+    cost of reading these files. They start at this call: call it for each file, then read them.
     """
     if not Path(path).is_file():
         raise DataFormatError(f"{path}: file not found")
     try:
-        for where, (key, array) in parsed_lines(path, partial(_feature_row, id_key=id_key)):
+        lines = parsed_lines(path, partial(_feature_row, id_key=id_key))
+    except OSError as e:
+        raise DataFormatError(f"{path}: cannot read ({one_line(e)})") from None
+    return _located_rows(path, lines)
+
+
+def _located_rows(path, lines) -> Iterator[tuple[str, str, np.ndarray]]:
+    try:
+        for where, (key, array) in lines:
             yield where, key, array
     except OSError as e:
         raise DataFormatError(f"{path}: cannot read ({one_line(e)})") from None
 
 
-def read_feature_jsonl(path: str | os.PathLike, id_key: str) -> tuple[list[str], np.ndarray]:
-    """``{"image_id": "9", "feature": [...]}`` lines -> (ids, float32 [N, D])."""
-    ids, rows, wheres = [], [], []
-    for where, key, array in _feature_rows(path, id_key):
-        if array.ndim != 1 or not array.size or (rows and array.shape != rows[0].shape):
-            expected = rows[0].shape if rows else "(D,) with D > 0"
+def read_feature_jsonl(
+    path: str | os.PathLike, id_key: str, rows: Iterator | None = None
+) -> tuple[list[str], np.ndarray]:
+    """``{"image_id": "9", "feature": [...]}`` lines -> (ids, float32 [N, D]).
+
+    ``rows``: the file's :func:`feature_rows`, when started earlier (default: started here).
+    """
+    ids, arrays, wheres = [], [], []
+    for where, key, array in feature_rows(path, id_key) if rows is None else rows:
+        if array.ndim != 1 or not array.size or (arrays and array.shape != arrays[0].shape):
+            expected = arrays[0].shape if arrays else "(D,) with D > 0"
             raise DataFormatError(f"{where}: feature of shape {array.shape}, expected {expected}")
         ids.append(key)
-        rows.append(array)
+        arrays.append(array)
         wheres.append(where)
-    if not rows:
+    if not arrays:
         raise DataFormatError(f"{path}: no records")
     check_unique(ids, wheres, id_key)
-    return ids, np.stack(rows)
+    return ids, np.stack(arrays)
 
 
 def read_entity_feature_jsonl(
-    path: str | os.PathLike, max_entities: int
+    path: str | os.PathLike, max_entities: int, rows: Iterator | None = None
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """``{"query_id": 8, "feature": [[...], ...]}`` lines, a vector per entity -> (ids, [N, E, D], valid).
 
-    ``valid`` [N, E] marks the real slots.
+    ``valid`` [N, E] marks the real slots; ``rows`` as in :func:`read_feature_jsonl`.
 
     Queries with more than ``max_entities`` vectors keep the first ones; fewer are padded (zeros,
     marked invalid). ``[]`` is a query without entities.
     """
-    ids, rows, wheres, dim = [], [], [], None
-    for where, key, array in _feature_rows(path, "query_id"):
+    ids, arrays, wheres, dim = [], [], [], None
+    for where, key, array in feature_rows(path, "query_id") if rows is None else rows:
         if array.shape == (0,):
             array = array.reshape(0, dim or 0)
         wrong_width = array.ndim == 2 and len(array) and array.shape[1] != (dim or array.shape[1] or -1)
@@ -124,14 +137,14 @@ def read_entity_feature_jsonl(
             )
         dim = dim if dim is not None or not len(array) else array.shape[1]
         ids.append(key)
-        rows.append(array[:max_entities])
+        arrays.append(array[:max_entities])
         wheres.append(where)
-    if not rows:
+    if not arrays:
         raise DataFormatError(f"{path}: no records")
     check_unique(ids, wheres, "query_id")
-    features = np.zeros((len(rows), max_entities, dim or 0), dtype=np.float32)
-    valid = np.zeros((len(rows), max_entities), dtype=bool)
-    for i, array in enumerate(rows):
+    features = np.zeros((len(arrays), max_entities, dim or 0), dtype=np.float32)
+    valid = np.zeros((len(arrays), max_entities), dtype=bool)
+    for i, array in enumerate(arrays):
         if len(array):
             features[i, : len(array)] = array
             valid[i, : len(array)] = True

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from agree.data.entities import kept_entities, scatter_slots, slot_mask
-from agree.data.feature_files import read_entity_feature_jsonl, read_feature_jsonl
+from agree.data.feature_files import feature_rows, read_entity_feature_jsonl, read_feature_jsonl
 from agree.data.layout import resolve_path
 from agree.data.npz_images import NpzImages
 from agree.data.records import TestImage, TestText
@@ -157,8 +157,14 @@ def jsonl_features(
     With ``segs`` (``features.mask_padding``), only each query's real entity slots count in EGR.
     """
     f = cfg.features
-    image_ids, image_rows = read_feature_jsonl(resolve_path(f.image_jsonl), "image_id")
-    text_ids, text_rows = read_feature_jsonl(resolve_path(f.text_jsonl), "query_id")
+    keys = {"image_jsonl": "image_id", "text_jsonl": "query_id"}
+    if "egr" in cfg.rerank.stages:
+        keys.update(prompt_jsonl="query_id", mask_jsonl="query_id")
+    # every file's parsing starts now: the workers go on with the next while one is assembled here
+    paths = {key: resolve_path(f[key]) for key in keys}
+    rows = {key: feature_rows(paths[key], id_key) for key, id_key in keys.items()}
+    image_ids, image_rows = read_feature_jsonl(paths["image_jsonl"], "image_id", rows["image_jsonl"])
+    text_ids, text_rows = read_feature_jsonl(paths["text_jsonl"], "query_id", rows["text_jsonl"])
     if image_rows.shape[1] != text_rows.shape[1]:
         raise DataFormatError(
             f"{f.image_jsonl}: {image_rows.shape[1]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
@@ -170,18 +176,18 @@ def jsonl_features(
     if "egr" in cfg.rerank.stages:
         slots = []
         for key in ("prompt_jsonl", "mask_jsonl"):
-            ids, rows, valid = read_entity_feature_jsonl(resolve_path(f[key]), cfg.rerank.max_entities)
-            if rows.shape[2] not in (0, text_rows.shape[1]):
+            ids, slot_rows, valid = read_entity_feature_jsonl(paths[key], cfg.rerank.max_entities, rows[key])
+            if slot_rows.shape[2] not in (0, text_rows.shape[1]):
                 raise DataFormatError(
-                    f"{f[key]}: {rows.shape[2]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
+                    f"{f[key]}: {slot_rows.shape[2]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
                 )
             order = _in_order(ids, query_ids, f[key], "query")
-            rows = (
-                rows[order]
-                if rows.shape[2]
-                else np.zeros((len(query_ids), rows.shape[1], text_rows.shape[1]), np.float32)
+            slot_rows = (
+                slot_rows[order]
+                if slot_rows.shape[2]
+                else np.zeros((len(query_ids), slot_rows.shape[1], text_rows.shape[1]), np.float32)
             )
-            slots.append((torch.from_numpy(rows), torch.from_numpy(valid[order])))
+            slots.append((torch.from_numpy(slot_rows), torch.from_numpy(valid[order])))
         if not torch.equal(slots[0][1].sum(1), slots[1][1].sum(1)):
             raise DataFormatError(
                 f"{f.prompt_jsonl} and {f.mask_jsonl} list different numbers of entities per query"
