@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -45,6 +46,18 @@ def _message(error: BaseException) -> str:
         return f"config error: {key + ': ' if key else ''}{str(error).splitlines()[0]}"
     kind = "error" if isinstance(error, DataFormatError | FolderNotOwnedError) else "config error"
     return f"{kind}: {one_line(error)}"
+
+
+def freeze_imports() -> None:
+    """Keep the garbage collector from walking the objects alive now, once per process.
+
+    An entry point calls it when its imports are done: torch alone leaves about a million objects,
+    which every later full collection, and the interpreter's last one at exit, would walk again
+    (0.5 s at the exit of an evaluation from feature files, measured on 2 cores). Later calls (the
+    next job of a multirun) freeze nothing more, so no garbage of an earlier job is kept.
+    """
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
 
 
 @contextlib.contextmanager
@@ -149,5 +162,6 @@ def run_command(
     if any(a in ("-h", "--help") for a in argv):
         print(usage(command, config, doc))
         return
+    freeze_imports()
     with user_errors():
         run(parse(command, config, argv))

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from agree.atomic import replace_as_set, staging_dir
-from agree.cli import user_errors
+from agree.cli import freeze_imports, user_errors
 from agree.config import ensure_data
 from agree.data.evaluation_files import OUTPUTS, RESULTS, EvaluationFiles, report_inputs, write_evaluation
 from agree.data.layout import resolve_path
@@ -131,6 +131,7 @@ def stored_features(data: TestSet) -> dict[str, torch.Tensor]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
+    freeze_imports()
     with user_errors():
         results = evaluate(cfg)
     if not results:  # another process of a multi-process extraction

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from agree.atomic import write_json, write_torch
 from agree.callbacks import configured_callbacks
-from agree.cli import user_errors
+from agree.cli import freeze_imports, user_errors
 from agree.config import allow_tf32
 from agree.data.datamodule import AgreeDataModule
 from agree.errors import ConfigError
@@ -184,6 +184,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    freeze_imports()
     try:
         with user_errors():
             metrics, _ = train(cfg)

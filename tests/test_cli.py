@@ -129,3 +129,18 @@ def test_a_fine_tuned_preset_without_its_checkpoint_is_one_line(tmp_path):
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("config error: ckpt_path is not set") and "last.ckpt" in line
     assert not (tmp_path / "results.json").exists()
+
+
+def test_imports_are_frozen_once_per_process():
+    """The objects alive after the imports leave the collector's walks; a multirun's next job
+    freezes nothing more, so an earlier job's garbage is still collected."""
+    code = (
+        "import gc, torch\n"
+        "from agree.cli import freeze_imports\n"
+        "freeze_imports(); first = gc.get_freeze_count()\n"
+        "garbage = [[] for _ in range(1000)]\n"
+        "freeze_imports()\n"
+        "print(first > 100_000, gc.get_freeze_count() == first)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
