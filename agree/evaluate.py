@@ -89,7 +89,8 @@ def evaluate(cfg: DictConfig) -> dict:
     claim_entries(target, "evaluate", OUTPUTS)
     out = staging_dir(target, "evaluate")  # the outputs replace an earlier evaluation's as a set
     ids = {"texts": [t.query_id for t in data.texts], "images": [im.image_id for im in data.images]}
-    write_evaluation(EvaluationFiles(out), ids, stored_features(data), lists, results, data.report_inputs)
+    stored = stored_features(data, extracted=not settings.from_files)
+    write_evaluation(EvaluationFiles(out), ids, stored, lists, results, data.report_inputs)
     replace_as_set(out, target, OUTPUTS, last=RESULTS)
     return results
 
@@ -120,10 +121,13 @@ def rank_and_score(settings: EvaluateSettings, data: TestSet) -> tuple[dict, dic
     return lists, results
 
 
-def stored_features(data: TestSet) -> dict[str, torch.Tensor]:
-    """The feature store's entries (``FEATURE_NAMES``) of a test set."""
+def stored_features(data: TestSet, extracted: bool) -> dict[str, torch.Tensor]:
+    """The feature store's entries (``FEATURE_NAMES``) of a test set: texts and images (the report
+    reads them), and the entity slots when a model ``extracted`` them. Entity features read from
+    JSONL files stay there: copying them would write 300 MB of the user's own input at Flickr30k size.
+    """
     stored = {"images": data.image_features, "texts": data.text_features}
-    if data.entities is not None:
+    if extracted and data.entities is not None:
         e = data.entities
         stored.update(entity_prompts=e.prompts, entity_masks=e.masks, entity_valid=e.valid.float())
     return stored

@@ -94,6 +94,10 @@ def test_jsonl_features_give_identical_results(model_run, tmp_path):
         assert (tmp_path / "out" / "predictions" / name).read_text() == (
             out / "predictions" / name
         ).read_text()
+    # the store holds what the report reads; the entity files are not copied, a model's slots are
+    stored = sorted(path.name for path in (tmp_path / "out" / "features").glob("*.npy"))
+    assert stored == ["images.npy", "texts.npy"]
+    assert (out / "features" / "entity_masks.npy").is_file()
 
 
 def test_feature_jsonl_errors(model_run, tmp_path):

@@ -2,7 +2,7 @@
 them and ``agree.report`` that reads them), the release's prediction lines (written and read back)
 and evaluation JSON, and where the report finds the annotations and test images.
 
-    features/             binary feature store (FEATURE_NAMES; entity ones only with entity features)
+    features/             binary feature store (FEATURE_NAMES; entity ones only when a model extracted them)
     predictions/          {stage}_{direction}.jsonl, the release's prediction lines
     evaluation/           {stage}_{direction}.json, the release's evaluation files
     report_inputs.json    see ``report_inputs``
