@@ -23,9 +23,10 @@ from safetensors.torch import save_file
 from agree.atomic import atomic_path
 from agree.cli import run_command
 from agree.data.alt_text import AltTextConfig, batch
-from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
+from agree.model.clip import create_clip, encode_image, encode_text
 from agree.model.losses import contrastive_loss
 from agree.model.module import MAX_LOGIT_SCALE, parameter_groups, warmup_cosine
+from agree.model.tokenizer import get_tokenizer
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from agree.config import allow_tf32
 from agree.data.datamodule import AgreeDataModule
 from agree.errors import ConfigError
 from agree.loggers import build_logger, history_rows
-from agree.model.clip import get_tokenizer
 from agree.model.module import AgreeModule
 from agree.model.registry import inputs_for
+from agree.model.tokenizer import get_tokenizer
 from agree.settings import train_settings
 
 

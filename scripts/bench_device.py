@@ -47,9 +47,11 @@ from agree.data.datamodule import AgreeDataModule  # noqa: E402
 from agree.data.layout import ReleaseLayout  # noqa: E402
 from agree.data.records import read_test_images, read_test_texts  # noqa: E402
 from agree.model import clip as clip_module  # noqa: E402
-from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer  # noqa: E402
+from agree.model import tokenizer as tokenizer_module  # noqa: E402
+from agree.model.clip import create_clip, encode_image, encode_text  # noqa: E402
 from agree.model.module import agree_losses  # noqa: E402
 from agree.model.registry import inputs_for  # noqa: E402
+from agree.model.tokenizer import get_tokenizer  # noqa: E402
 from agree.retrieval import extraction  # noqa: E402
 
 WEIGHTS = {"agree": loss_weights_preset("agree"), "clip": loss_weights_preset("clip")}
@@ -176,7 +178,7 @@ def bench_extraction(layout, cfg, device, repeats: int = 2) -> dict:
     def path() -> tuple[float, float]:
         sync(device)
         start = time.perf_counter()
-        with Timed(clip_module, "create_clip") as made, Timed(clip_module, "get_tokenizer") as tokenizer:
+        with Timed(clip_module, "create_clip") as made, Timed(tokenizer_module, "get_tokenizer") as tokenizer:
             extraction.model_features(cfg, texts, images, None, layout, None, device)
         sync(device)
         setup = made.seconds + tokenizer.seconds

@@ -23,9 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from agree.config import loss_weights_preset  # noqa: E402
 from agree.data.datamodule import AgreeDataModule  # noqa: E402
 from agree.data.synthetic import SceneConfig, generate  # noqa: E402
-from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer  # noqa: E402
+from agree.model.clip import create_clip, encode_image, encode_text  # noqa: E402
 from agree.model.module import agree_losses  # noqa: E402
 from agree.model.registry import inputs_for  # noqa: E402
+from agree.model.tokenizer import get_tokenizer  # noqa: E402
 
 AGREE = loss_weights_preset("agree")
 CLIP = loss_weights_preset("clip")

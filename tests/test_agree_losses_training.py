@@ -13,9 +13,10 @@ from agree.data.layout import ReleaseLayout
 from agree.data.npz_images import NpzImages
 from agree.data.records import TrainRecord
 from agree.errors import DataFormatError
-from agree.model.clip import create_clip, get_tokenizer
+from agree.model.clip import create_clip
 from agree.model.module import agree_losses
 from agree.model.registry import inputs_for
+from agree.model.tokenizer import get_tokenizer
 
 WEIGHTS = loss_weights_preset("agree")
 ENTITY_LOSSES = [name for name in WEIGHTS if name != "clip"]

@@ -6,6 +6,7 @@ import torch
 
 from agree.model import clip
 from agree.model.clip import ModelLoadError
+from agree.model.tokenizer import get_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def tiny():
 def features(model):
     torch.manual_seed(1)
     images = torch.randn(3, 3, 64, 64)
-    tokens = clip.get_tokenizer("agree-tiny")(["a red circle", "a blue square left of a red circle", "x"])
+    tokens = get_tokenizer("agree-tiny")(["a red circle", "a blue square left of a red circle", "x"])
     with torch.no_grad():
         return clip.encode_image(model, images), clip.encode_text(model, tokens)
 
@@ -77,7 +78,7 @@ def test_bad_model_settings(name, pretrained, message):
 
 
 def test_short_text_encoding_matches_full_length(tiny):
-    tokens = clip.get_tokenizer("agree-tiny")(
+    tokens = get_tokenizer("agree-tiny")(
         ["a red circle left of a blue square", "a", "on the left is a cross"]
     )
     with torch.no_grad():

@@ -27,8 +27,9 @@ from agree.data.pixels import black
 from agree.data.records import read_test_images, read_test_texts, read_text_segs
 from agree.errors import ConfigError
 from agree.evaluate import evaluate
-from agree.model.clip import create_clip, encode_image, encode_text, get_tokenizer
+from agree.model.clip import create_clip, encode_image, encode_text
 from agree.model.module import agree_losses
+from agree.model.tokenizer import get_tokenizer
 from agree.retrieval.extraction import entity_texts, model_features
 from agree.settings import device_batch_size
 from agree.train import train

@@ -7,9 +7,9 @@ import torch
 
 from agree.config import loss_weights_preset
 from agree.data.datamodule import AgreeDataModule
-from agree.model.clip import get_tokenizer
 from agree.model.module import AgreeModule
 from agree.model.registry import inputs_for
+from agree.model.tokenizer import get_tokenizer
 
 WEIGHTS = loss_weights_preset("agree")
 

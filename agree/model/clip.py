@@ -1,4 +1,4 @@
-"""open_clip model loading, tokenizer, and encoders.
+"""open_clip model loading and encoders.
 
 ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...), a local open_clip
 weights file, or a checkpoint written by ``agree.train`` (``.ckpt``). Checkpoints store the model
@@ -110,41 +110,6 @@ def load_training_checkpoint(model: torch.nn.Module, name: str, path: str | Path
     prefix = "model."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
-
-
-def get_tokenizer(name: str, eot_on_truncation: bool = True):
-    """The open_clip tokenizer of model ``name`` (returns [N, context_length] token ids).
-
-    open_clip ends a text cut at the context length with the end-of-text token; with
-    ``eot_on_truncation=False`` the cut text has none, as the release's tokenizer.
-    """
-    tokenizer = open_clip.get_tokenizer(name)
-    return tokenizer if eot_on_truncation else CutWithoutEnd(tokenizer)
-
-
-class CutWithoutEnd:
-    """The release's tokenization: start token, BPE tokens, end token, then cut at the context length.
-
-    open_clip's ``SimpleTokenizer`` overwrites the last kept token with the end token, and has no
-    switch to keep it, so its ``encode`` is called here and the cut is done as the release does.
-    """
-
-    def __init__(self, tokenizer):
-        if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer) or tokenizer.reduction_fn:
-            raise ModelLoadError(
-                f"text.eot_on_truncation=false needs a CLIP BPE tokenizer, not {type(tokenizer).__name__}"
-            )
-        self.tokenizer = tokenizer
-
-    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
-        t = self.tokenizer
-        texts = [texts] if isinstance(texts, str) else texts
-        context_length = context_length or t.context_length
-        result = torch.zeros(len(texts), context_length, dtype=torch.long)
-        for i, text in enumerate(texts):
-            tokens = ([t.sot_token_id] + t.encode(text) + [t.eot_token_id])[:context_length]
-            result[i, : len(tokens)] = torch.tensor(tokens)
-        return result
 
 
 def supports_short_text(model: torch.nn.Module) -> bool:

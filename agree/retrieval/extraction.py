@@ -101,7 +101,8 @@ def model_features(
     import lightning as L
 
     from agree.data.datasets import ImageArrays
-    from agree.model.clip import create_clip, get_tokenizer
+    from agree.model.clip import create_clip
+    from agree.model.tokenizer import get_tokenizer
 
     L.seed_everything(cfg.seed, verbose=False)  # random-init weights
     npz = NpzImages(layout.images_npz("test"), layout.image_size)
