@@ -28,8 +28,6 @@ sys.path.insert(0, str(REPO))
 
 from agree.data import fast_feature_rows  # noqa: E402
 from agree.data.feature_files import (  # noqa: E402
-    read_entity_feature_jsonl,
-    read_feature_jsonl,
     write_feature_jsonl,
 )
 from agree.retrieval.pipeline import EntityFeatures, rank_stages  # noqa: E402
@@ -81,14 +79,28 @@ def loop_seconds(texts, images, entities, k=10, depth=128, sample=4) -> dict[str
     return {"egr": t2i + i2t, "tbr": tbr}
 
 
-def read_seconds(folder: Path) -> float:
-    """Seconds to read the 4 feature files of ``folder`` with the readers of ``agree.evaluate``."""
-    start = time.perf_counter()
-    read_feature_jsonl(folder / "images.jsonl", "image_id")
-    read_feature_jsonl(folder / "texts.jsonl", "query_id")
-    for name in ("prompts", "masks"):
-        read_entity_feature_jsonl(folder / f"{name}.jsonl", 10)
-    return time.perf_counter() - start
+READ = """
+import sys, time
+from pathlib import Path
+from agree.data import fast_feature_rows
+from agree.data.feature_files import read_entity_feature_jsonl, read_feature_jsonl
+if sys.argv[2] == "validated":
+    fast_feature_rows.simdjson = None
+folder = Path(sys.argv[1])
+start = time.perf_counter()
+read_feature_jsonl(folder / "images.jsonl", "image_id")
+read_feature_jsonl(folder / "texts.jsonl", "query_id")
+for name in ("prompts", "masks"):
+    read_entity_feature_jsonl(folder / f"{name}.jsonl", 10)
+print(time.perf_counter() - start)
+"""
+
+
+def read_seconds(folder: Path, rows: str) -> float:
+    """Seconds to read the 4 feature files of ``folder`` with the readers of ``agree.evaluate``,
+    ``rows`` "fast" or "validated", in a fresh process: its parsing workers are forked from it."""
+    command = [sys.executable, "-c", READ, str(folder), rows]
+    return float(subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO).stdout)
 
 
 def section_a() -> None:
@@ -115,12 +127,8 @@ def section_a() -> None:
             feats = getattr(entities, name).numpy()
             write_feature_jsonl(tmp / f"{name}.jsonl", "query_id", ids_t, feats, entities.valid.numpy())
         size = sum(p.stat().st_size for p in tmp.iterdir()) / 1e9
-        fast = read_seconds(tmp) if fast_feature_rows.available() else None
-        fast_feature_rows.simdjson, simdjson = None, fast_feature_rows.simdjson
-        try:
-            validated = read_seconds(tmp)
-        finally:
-            fast_feature_rows.simdjson = simdjson
+        fast = read_seconds(tmp, "fast") if fast_feature_rows.available() else None
+        validated = read_seconds(tmp, "validated")
     print(f"    reading the 4 reference JSONL files ({size:.2f} GB):")
     print(f"        every row validated (orjson): {validated:.1f} s ({size * 1e3 / validated:.0f} MB/s)")
     if fast is None:
