@@ -75,17 +75,57 @@ def test_blank_lines_crlf_and_a_last_line_without_newline(tmp_path) -> None:
 
 
 def test_workers_leave_no_files_even_when_the_reader_stops_early(tmp_path, small_ranges, monkeypatch) -> None:
-    """The parsed arrays come back through files in a temporary folder, removed with every file."""
+    """The parsed arrays come back through files in a scratch folder, removed with every file."""
     path, rows = features(tmp_path)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    monkeypatch.setattr(lines, "_scratch_root", lambda: str(scratch))
     got = [value for _, value in lines.parsed_lines(path, partial(_feature_row, id_key="image_id"))]
     np.testing.assert_array_equal(np.stack([array for _, array in got]), rows)
     assert all(array.flags.writeable for _, array in got)
     assert list(scratch.iterdir()) == []
     reader = lines.parsed_lines(path, partial(_feature_row, id_key="image_id"))
     next(reader)
-    assert len(list(scratch.iterdir())) == 1  # the pool's folder, while it reads
+    assert len(list(scratch.iterdir())) == 1  # the call's folder, while it reads
     reader.close()
     assert list(scratch.iterdir()) == []
+    reader = lines.parsed_lines(path, partial(_feature_row, id_key="image_id"))
+    del reader  # dropped unread: its folder goes too
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.fixture
+def fresh_pool(monkeypatch: pytest.MonkeyPatch):
+    """Workers forked from this test's state (a patch made before the first read reaches them)."""
+
+    def shut_down():
+        if lines._workers is not None:
+            lines._workers[1].shutdown()
+        monkeypatch.setattr(lines, "_workers", None)
+
+    shut_down()
+    yield
+    shut_down()
+
+
+def test_a_full_scratch_folder_sends_the_arrays_through_the_pipe(
+    tmp_path, small_ranges, fresh_pool, monkeypatch
+) -> None:
+    def full(file, buffers):
+        file.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lines, "_write_buffers", full)
+    sizes = []
+    received = lines._received
+
+    def noted(folder, byte_range, result):
+        sizes.append(result[2])
+        return received(folder, byte_range, result)
+
+    monkeypatch.setattr(lines, "_received", noted)
+    path, rows = features(tmp_path)
+    ids, got = read_feature_jsonl(path, "image_id")
+    assert ids == [str(1000 + i) for i in range(40)]
+    np.testing.assert_array_equal(got, rows)
+    assert len(sizes) > 4 and set(sizes) == {None}  # every range came through the pipe

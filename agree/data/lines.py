@@ -4,8 +4,8 @@ JSON parsing is CPU-bound and holds the GIL (orjson builds Python objects), so t
 the file is cut at line ends into byte ranges that worker processes read and parse themselves.
 
 A worker's parsed values come back pickled (protocol 5), the bytes of their arrays out of band
-through a file in a temporary folder: through the pool's pipe they would be copied four times, which
-cost more than the second process saved (measured on 2 cores).
+through a file in a scratch folder (in memory where there is one): through the pool's pipe they
+would be copied four times, which cost more than the second process saved (measured on 2 cores).
 """
 
 from __future__ import annotations
@@ -76,22 +76,35 @@ _WHITESPACE = frozenset(b" \t\r\x0b\x0c")
 
 def _parse_range_out_of_band(
     folder: Path, path: Path, parse: LineParser, byte_range: tuple[int, int]
-) -> tuple[int, bytes, list[int], tuple[int, int] | None]:
+) -> tuple[int, bytes, list[int] | None, tuple[int, int] | None]:
     """:func:`_parse_range` in a worker: (lines, pickled values, sizes of their buffers, failure); the
-    buffers' bytes, one after the other, are in ``folder/START.bin`` (see :func:`_received`)."""
+    buffers' bytes, one after the other, are in ``folder/START.bin`` (see :func:`_received`). Where
+    the folder is full (a small ``/dev/shm``), the values come pickled whole and the sizes are None.
+    """
     n_lines, parsed, failed = _parse_range(path, parse, byte_range)
     buffers: list[pickle.PickleBuffer] = []
     pickled = pickle.dumps(parsed, protocol=5, buffer_callback=buffers.append)
-    with open(folder / f"{byte_range[0]}.bin", "wb") as f:
+    file = folder / f"{byte_range[0]}.bin"
+    try:
+        _write_buffers(file, buffers)
+    except OSError:
+        file.unlink(missing_ok=True)
+        return n_lines, pickle.dumps(parsed, protocol=5), None, failed
+    return n_lines, pickled, [buffer.raw().nbytes for buffer in buffers], failed
+
+
+def _write_buffers(file: Path, buffers: list[pickle.PickleBuffer]) -> None:
+    with open(file, "wb") as f:
         for buffer in buffers:
             f.write(buffer.raw())
-    return n_lines, pickled, [buffer.raw().nbytes for buffer in buffers], failed
 
 
 def _received(folder: Path, byte_range: tuple[int, int], result) -> tuple[int, list, tuple[int, int] | None]:
     """A worker's :func:`_parse_range_out_of_band` result as :func:`_parse_range`'s; the arrays are
     views of the one buffer read back, and its file is removed."""
     n_lines, pickled, sizes, failed = result
+    if sizes is None:
+        return n_lines, pickle.loads(pickled), failed
     file = folder / f"{byte_range[0]}.bin"
     data = bytearray(sum(sizes))
     with open(file, "rb") as f:
@@ -102,6 +115,14 @@ def _received(folder: Path, byte_range: tuple[int, int], result) -> tuple[int, l
         views.append(memoryview(data)[at : at + size])
         at += size
     return n_lines, pickle.loads(pickled, buffers=views), failed
+
+
+def _scratch_root() -> str | None:
+    """Where the workers' array files go: ``/dev/shm`` (memory) where there is one, else the
+    temporary folder. On a disk mounted with online discard, removing them cost 0.2-0.3 s of the
+    release's four feature files (measured against ``/dev/shm``, 2 cores)."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
 
 
 def _default_workers() -> int:
@@ -152,7 +173,9 @@ def parsed_lines(
     if workers <= 1 or len(ranges) <= 1:
         return _in_order(path, parse, map(partial(_parse_range, path, parse), ranges))
     # the arrays' files; removed when the iterator ends, is closed, or is dropped unread
-    scratch = tempfile.TemporaryDirectory(prefix="agree-lines-", ignore_cleanup_errors=True)
+    scratch = tempfile.TemporaryDirectory(
+        prefix="agree-lines-", dir=_scratch_root(), ignore_cleanup_errors=True
+    )
     task = partial(_parse_range_out_of_band, Path(scratch.name), path, parse)
     futures = [_pool(workers).submit(task, byte_range) for byte_range in ranges]
     return _received_in_order(path, parse, ranges, futures, scratch)
