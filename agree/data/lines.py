@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import pickle
 import tempfile
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -172,13 +173,12 @@ def parsed_lines(
     workers = _default_workers() if workers is None else workers
     if workers <= 1 or len(ranges) <= 1:
         return _in_order(path, parse, map(partial(_parse_range, path, parse), ranges))
-    # the arrays' files; removed when the iterator ends, is closed, or is dropped unread
-    scratch = tempfile.TemporaryDirectory(
-        prefix="agree-lines-", dir=_scratch_root(), ignore_cleanup_errors=True
-    )
+    scratch = tempfile.TemporaryDirectory(prefix="agree-lines-", dir=_scratch_root())  # the arrays' files
     task = partial(_parse_range_out_of_band, Path(scratch.name), path, parse)
     futures = [_pool(workers).submit(task, byte_range) for byte_range in ranges]
-    return _received_in_order(path, parse, ranges, futures, scratch)
+    lines = _received_in_order(path, parse, ranges, futures, scratch)
+    weakref.finalize(lines, _discard, futures, scratch)  # also when the iterator is dropped unread
+    return lines
 
 
 def _received_in_order(
@@ -192,11 +192,16 @@ def _received_in_order(
     try:
         received = (_received(folder, r, f.result()) for r, f in zip(ranges, futures, strict=True))
         yield from _in_order(path, parse, received)
-    finally:  # also when the caller stops early: drop the ranges not yet started, wait for the rest
-        for future in futures:
-            future.cancel()
-        concurrent.futures.wait(futures)
-        scratch.cleanup()
+    finally:  # also when the caller stops early
+        _discard(futures, scratch)
+
+
+def _discard(futures: list[concurrent.futures.Future], scratch: tempfile.TemporaryDirectory) -> None:
+    """Drop the ranges not yet started, wait for the others, then remove their folder (once)."""
+    for future in futures:
+        future.cancel()
+    concurrent.futures.wait(futures)
+    scratch.cleanup()
 
 
 def _in_order(
