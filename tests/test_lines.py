@@ -1,5 +1,7 @@
 """Feature JSONL files parsed by several processes read exactly as in one, errors naming the line."""
 
+import os
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
 import numpy as np
@@ -129,3 +131,14 @@ def test_a_full_scratch_folder_sends_the_arrays_through_the_pipe(
     assert ids == [str(1000 + i) for i in range(40)]
     np.testing.assert_array_equal(got, rows)
     assert len(sizes) > 4 and set(sizes) == {None}  # every range came through the pipe
+
+
+def test_a_pool_broken_by_a_dead_worker_is_replaced(tmp_path, small_ranges, fresh_pool) -> None:
+    path, rows = features(tmp_path)
+    read_feature_jsonl(path, "image_id")
+    broken = lines._workers[1]
+    with pytest.raises(BrokenProcessPool):
+        broken.submit(os._exit, 1).result()  # a worker dies, as when the kernel kills it
+    ids, got = read_feature_jsonl(path, "image_id")
+    np.testing.assert_array_equal(got, rows)
+    assert lines._workers[1] is not broken

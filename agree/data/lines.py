@@ -10,14 +10,14 @@ would be copied four times, which cost more than the second process saved (measu
 
 from __future__ import annotations
 
-import concurrent.futures
 import multiprocessing
 import os
 import pickle
 import tempfile
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,17 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 _workers: tuple[int, ProcessPoolExecutor] | None = None
 
 
+def _submitted(workers: int, task: Callable, ranges: list[tuple[int, int]]) -> list[Future]:
+    """Each range submitted to the kept pool; one broken by a worker that died (killed for memory,
+    say) is replaced."""
+    global _workers
+    try:
+        return [_pool(workers).submit(task, byte_range) for byte_range in ranges]
+    except BrokenProcessPool:
+        _workers = None
+        return [_pool(workers).submit(task, byte_range) for byte_range in ranges]
+
+
 def parsed_lines(
     path: str | os.PathLike, parse: LineParser, workers: int | None = None, range_bytes: int | None = None
 ) -> Iterator[tuple[str, Any]]:
@@ -175,7 +186,7 @@ def parsed_lines(
         return _in_order(path, parse, map(partial(_parse_range, path, parse), ranges))
     scratch = tempfile.TemporaryDirectory(prefix="agree-lines-", dir=_scratch_root())  # the arrays' files
     task = partial(_parse_range_out_of_band, Path(scratch.name), path, parse)
-    futures = [_pool(workers).submit(task, byte_range) for byte_range in ranges]
+    futures = _submitted(workers, task, ranges)
     lines = _received_in_order(path, parse, ranges, futures, scratch)
     weakref.finalize(lines, _discard, futures, scratch)  # also when the iterator is dropped unread
     return lines
@@ -185,7 +196,7 @@ def _received_in_order(
     path: Path,
     parse: LineParser,
     ranges: list[tuple[int, int]],
-    futures: list[concurrent.futures.Future],
+    futures: list[Future],
     scratch: tempfile.TemporaryDirectory,
 ) -> Iterator[tuple[str, Any]]:
     folder = Path(scratch.name)
@@ -196,11 +207,11 @@ def _received_in_order(
         _discard(futures, scratch)
 
 
-def _discard(futures: list[concurrent.futures.Future], scratch: tempfile.TemporaryDirectory) -> None:
+def _discard(futures: list[Future], scratch: tempfile.TemporaryDirectory) -> None:
     """Drop the ranges not yet started, wait for the others, then remove their folder (once)."""
     for future in futures:
         future.cancel()
-    concurrent.futures.wait(futures)
+    wait(futures)
     scratch.cleanup()
 
 
