@@ -1,6 +1,7 @@
 """W&B runs as sweep users expect: grouped by sweep, named by overrides, tagged, resumed with the training."""
 
 import json
+import re
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -98,6 +99,8 @@ def test_resumed_training_continues_the_same_wandb_run(scenes, tmp_path, offline
     second = run("ckpt_path=last")
     assert first == second
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(first) for r in runs)
+    # W&B names a run's folder offline-run-DATE_TIME-ID, with "-1" added when both start in one second
+    folder = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{first}(-\d+)?")
+    assert len(runs) == 2 and all(folder.fullmatch(r.name) for r in runs)
     config = {u.key for r in run_records(tmp_path / "run") if r.HasField("config") for u in r.config.update}
     assert {"losses", "optim", "model", "data", "trainer"} <= config  # the resolved config is attached
