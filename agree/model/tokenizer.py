@@ -10,6 +10,7 @@ printable ASCII without ``&`` skips ftfy and ``html.unescape``, which leave such
 
 from __future__ import annotations
 
+import numpy as np
 import open_clip
 import torch
 from open_clip.tokenizer import SimpleTokenizer, _clean_lower, whitespace_clean
@@ -56,15 +57,16 @@ class WordMemoTokenizer:
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else texts
         context_length = context_length or self.context_length
-        result = torch.zeros(len(texts), context_length, dtype=torch.long)
+        # filled through numpy: torch.tensor per row (open_clip's way) cost more than the encoding
+        result = np.zeros((len(texts), context_length), dtype=np.int64)
         for i, text in enumerate(texts):
             tokens = [self.sot_token_id, *self.encode(text), self.eot_token_id]
             if len(tokens) > context_length:
                 tokens = tokens[:context_length]
                 if self.eot_on_truncation:
                     tokens[-1] = self.eot_token_id
-            result[i, : len(tokens)] = torch.tensor(tokens)
-        return result
+            result[i, : len(tokens)] = tokens
+        return torch.from_numpy(result)
 
 
 def get_tokenizer(name: str, eot_on_truncation: bool = True):
