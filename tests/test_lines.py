@@ -7,7 +7,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from agree.data import lines
+from agree.data import feature_files, lines
 from agree.data.feature_files import (
     _feature_row,
     read_entity_feature_jsonl,
@@ -142,3 +142,20 @@ def test_a_pool_broken_by_a_dead_worker_is_replaced(tmp_path, small_ranges, fres
     ids, got = read_feature_jsonl(path, "image_id")
     np.testing.assert_array_equal(got, rows)
     assert lines._workers[1] is not broken
+
+
+def test_a_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch) -> None:
+    """An OSError when the parsing starts, or while the rows are read, names the file."""
+    path, _ = features(tmp_path)
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def fails_midway(*args, **kwargs):
+        yield f"{path}:1", ("1000", np.zeros(6, np.float32))
+        raise OSError(5, "Input/output error")
+
+    for parsed, message in ((unreadable, "Permission denied"), (fails_midway, "Input/output error")):
+        monkeypatch.setattr(feature_files, "parsed_lines", parsed)
+        with pytest.raises(DataFormatError, match=rf"^{path}: cannot read \(.*{message}"):
+            read_feature_jsonl(path, "image_id")

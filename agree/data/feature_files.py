@@ -6,6 +6,7 @@ written; the store is ``NAME.npy`` + ``NAME.ids.json``, memory-mapped on reading
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -80,17 +81,22 @@ def feature_rows(path: str | os.PathLike, id_key: str) -> Iterator[tuple[str, st
     """
     if not Path(path).is_file():
         raise DataFormatError(f"{path}: file not found")
-    try:
+    with _reading(path):
         lines = parsed_lines(path, partial(_feature_row, id_key=id_key))
-    except OSError as e:
-        raise DataFormatError(f"{path}: cannot read ({one_line(e)})") from None
     return _located_rows(path, lines)
 
 
 def _located_rows(path, lines) -> Iterator[tuple[str, str, np.ndarray]]:
-    try:
+    with _reading(path):
         for where, (key, array) in lines:
             yield where, key, array
+
+
+@contextlib.contextmanager
+def _reading(path) -> Iterator[None]:
+    """An ``OSError`` (at the call that starts the parsing, or while reading) as a one-line error."""
+    try:
+        yield
     except OSError as e:
         raise DataFormatError(f"{path}: cannot read ({one_line(e)})") from None
 
