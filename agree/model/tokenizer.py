@@ -1,4 +1,4 @@
-"""open_clip's CLIP BPE tokenizer with each word's token ids kept: the same ids, 2-3x faster.
+"""open_clip's CLIP BPE tokenizer with each word's token ids kept: the same ids, 3-6x faster.
 
 Tokenisation runs on the host for every caption, entity prompt and masked caption (11 texts per
 AGREE training sample), so its cost is what feeds a GPU. open_clip's ``SimpleTokenizer`` keeps each
