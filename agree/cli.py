@@ -120,16 +120,31 @@ def _writable(node: DictConfig) -> DictConfig:
     return node
 
 
+def _positional_as_key(config: type, argv: list[str]) -> list[str]:
+    """``argv`` with a lone positional argument spelled as ``key=value`` of the one required key.
+
+    ``agree-report outputs/demo`` then means ``agree-report directory=outputs/demo``; a command with
+    no or several required keys, or a second positional argument, is left to the usual errors.
+    """
+    required = [f.name for f in dataclasses.fields(config) if _default(f) is MISSING]
+    positional = [i for i, a in enumerate(argv) if "=" not in a and not a.startswith("~")]
+    if len(required) != 1 or len(positional) != 1 or any(a.startswith(f"{required[0]}=") for a in argv):
+        return argv
+    i = positional[0]
+    return [*argv[:i], f"{required[0]}={argv[i]}", *argv[i + 1 :]]
+
+
 def parse(command: str, config: type[Config], argv: list[str]) -> Config:
     """The ``config`` dataclass filled from ``key=value`` arguments, types checked.
 
+    A lone positional argument fills the one required key, if the command has exactly one.
     When ``config`` has an ``overrides`` list, the arguments that name none of its keys are
     appended to it as they are (Hydra checks them). Raises :class:`ConfigError` with one line
     naming the argument (unknown key, not ``key=value``, a wrong type, a required key missing).
     """
     valid = {f.name for f in dataclasses.fields(config)}
     own, passed = [], []
-    for pair in argv:
+    for pair in _positional_as_key(config, argv):
         key = pair.split("=", 1)[0]
         if key.split(".")[0] in valid and "=" in pair:
             own.append(pair)

@@ -8,6 +8,7 @@ import pytest
 
 from agree import cli, demo, folders, pretrain, study
 from agree.data import synthetic
+from agree.report.__main__ import ReportConfig
 from agree.report.__main__ import main as report_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +50,18 @@ def test_help_lists_every_key_with_its_default_and_runs_nothing(command, tmp_pat
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("argument", ["nope=1", "some/folder"])
+ONE_REQUIRED = {"python -m agree.pretrain", "python -m agree.data.synthetic", "python -m agree.report"}
+CONFIGS = {
+    "python -m agree.pretrain": pretrain.PretrainCommand,
+    "python -m agree.data.synthetic": synthetic.GenerateConfig,
+    "python -m agree.report": ReportConfig,
+}
+BAD_ARGUMENTS = [(c, "nope=1") for c in COMMANDS] + [
+    (c, "some/folder") for c in COMMANDS if c not in ONE_REQUIRED
+]
+
+
+@pytest.mark.parametrize("command, argument", BAD_ARGUMENTS)
 def test_a_bad_argument_is_one_line_naming_it(command, argument, tmp_path, monkeypatch):
     main, _ = COMMANDS[command]
     monkeypatch.chdir(tmp_path)
@@ -115,3 +126,21 @@ def test_every_console_script_names_a_function():
     for name, target in scripts.items():
         module, _, attr = target.partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), name
+
+
+@pytest.mark.parametrize("command", sorted(ONE_REQUIRED))
+def test_a_lone_path_is_the_one_required_key(command):
+    """``agree-report DIR`` is ``agree-report directory=DIR``; a second positional one is refused."""
+    main, keys = COMMANDS[command]
+    config = CONFIGS[command]
+    key = next(k for k in keys if k.endswith("=???")).removesuffix("=???")
+    assert getattr(cli.parse(command, config, ["some/folder"]), key) == "some/folder"
+    assert getattr(cli.parse(command, config, [f"{key}=some/folder"]), key) == "some/folder"
+    with pytest.raises(cli.ConfigError, match="'some/folder' is not key=value"):
+        cli.parse(command, config, ["some/folder", "other"])
+
+
+def test_report_takes_its_folder_as_the_argument(tmp_path, capsys):
+    """``agree-report DIR`` writes the same report as ``directory=DIR`` (a missing folder: one line)."""
+    with pytest.raises(SystemExit, match=str(tmp_path / "absent")):
+        report_main([str(tmp_path / "absent")])
