@@ -23,6 +23,7 @@ from typing import TypeVar
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from agree.console import quiet_libraries
 from agree.errors import ConfigError, DataFormatError, FolderNotOwnedError, one_line
 
 USER_ERRORS = (ConfigError, DataFormatError, FolderNotOwnedError, OmegaConfBaseException)
@@ -178,5 +179,6 @@ def run_command(
         print(usage(command, config, doc))
         return
     freeze_imports()
+    quiet_libraries()
     with user_errors():
         run(parse(command, config, argv))

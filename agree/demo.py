@@ -27,6 +27,7 @@ from hydra import compose, initialize_config_module
 from agree.atomic import write_json
 from agree.cli import run_command
 from agree.config import merge_overrides
+from agree.console import quiet_lightning
 from agree.evaluate import evaluate
 from agree.folders import claim
 from agree.report import write_report
@@ -77,10 +78,13 @@ def run(out_dir: Path, overrides: list[str]) -> tuple[list[dict], float]:
         )
         claim(out_dir, "demo")
         shutil.rmtree(out_dir / "train", ignore_errors=True)
+        print(f"1/3 zero-shot: raw, egr, tbr, egr_tbr ({out_dir / 'zero_shot'})", flush=True)
         zero = {name: evaluate(cfg) for name, cfg in zero_cfgs.items()}
         scenes = zero_cfgs["tbr"].data.synthetic
         chance = chance_rsum(scenes.test_images, scenes.captions_per_image)
+        print(f"2/3 fine-tuning with the AGREE losses ({out_dir / 'train'})", flush=True)
         train(train_cfg)
+        print(f"3/3 fine-tuned: raw, tbr ({out_dir / 'fine_tuned'})", flush=True)
         tuned = evaluate(tuned_cfg)
     rows = [summary_row("zero-shot", "none", stage, block) for stage, block in zero_shot_stages(zero).items()]
     return rows + [
@@ -91,6 +95,7 @@ def run(out_dir: Path, overrides: list[str]) -> tuple[list[dict], float]:
 def run_demo(cfg: DemoConfig) -> None:
     """Run the demo, print its table and write ``summary.json`` and the report; exit 1 if it failed."""
     out_dir = Path(cfg.output_dir).resolve()
+    quiet_lightning()
     start = time.perf_counter()
     rows, chance = run(out_dir, cfg.overrides)
     write_json(out_dir / "summary.json", rows)

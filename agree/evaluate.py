@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from agree.atomic import replace_as_set, staging_dir
 from agree.cli import freeze_imports, user_errors
 from agree.config import ensure_data
+from agree.console import quiet_libraries
 from agree.data.evaluation_files import OUTPUTS, RESULTS, EvaluationFiles, report_inputs, write_evaluation
 from agree.data.layout import resolve_path
 from agree.data.records import TestImage, TestText, read_test_images, read_test_texts, read_text_segs
@@ -136,6 +137,7 @@ def stored_features(data: TestSet, extracted: bool) -> dict[str, torch.Tensor]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     freeze_imports()
+    quiet_libraries()
     with user_errors():
         results = evaluate(cfg)
     if not results:  # another process of a multi-process extraction

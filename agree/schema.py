@@ -111,6 +111,7 @@ class TrainerConfig:
     gradient_clip_val: Optional[float] = None
     deterministic: Any = None  # true, false or "warn"
     enable_progress_bar: Optional[bool] = None
+    enable_model_summary: bool = False  # Lightning's table of the model's layers
     detect_anomaly: bool = False
     fast_dev_run: Any = False
     limit_train_batches: Any = None

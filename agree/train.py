@@ -18,6 +18,7 @@ from agree.atomic import write_json, write_torch
 from agree.callbacks import configured_callbacks
 from agree.cli import freeze_imports, user_errors
 from agree.config import allow_tf32
+from agree.console import quiet_libraries
 from agree.data.datamodule import AgreeDataModule
 from agree.errors import ConfigError
 from agree.loggers import build_logger, history_rows
@@ -185,6 +186,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     freeze_imports()
+    quiet_libraries()
     try:
         with user_errors():
             metrics, _ = train(cfg)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
+from agree.console import weights_loaded_after
 from agree.errors import ConfigError
 
 open_clip.add_model_config(Path(__file__).parent / "configs")  # the tiny CPU config ("agree-tiny")
@@ -73,7 +74,8 @@ def create_clip(name: str, pretrained: str | None = None) -> torch.nn.Module:
     """Build the open_clip model ``name`` with ``pretrained`` weights (or random init if None)."""
     check_model(name, pretrained)
     if pretrained and Path(pretrained).suffix == ".ckpt":
-        model = open_clip.create_model(name, pretrained=None, output_dict=True)
+        with weights_loaded_after():
+            model = open_clip.create_model(name, pretrained=None, output_dict=True)
         load_training_checkpoint(model, name, pretrained)
         return model
     try:
