@@ -149,13 +149,14 @@ def train(cfg: DictConfig, run: HydraRun | None = None) -> tuple[dict[str, float
         state = run_state(settings.resume)
         if state.get("finished"):
             return finished_run(out, state), {}
-        if run is not None:
-            run.write_record()
-        return fit(cfg, settings, state)
+        return fit(cfg, settings, state, run)
 
 
-def fit(cfg: DictConfig, settings: TrainSettings, state: dict) -> tuple[dict[str, float], dict]:
-    """Build the module, data and Trainer of checked ``settings`` and train, resuming ``state``."""
+def fit(
+    cfg: DictConfig, settings: TrainSettings, state: dict, run: HydraRun | None = None
+) -> tuple[dict[str, float], dict]:
+    """Build the module, data and Trainer of checked ``settings`` and train, resuming ``state``;
+    ``run``'s record is written once they are built (Lightning checks the Trainer's arguments)."""
     c, out = settings.cfg, settings.output_dir
     allow_tf32(c.tf32)
     L.seed_everything(c.seed, workers=True)
@@ -206,6 +207,8 @@ def fit(cfg: DictConfig, settings: TrainSettings, state: dict) -> tuple[dict[str
         mask_ignore_case=c.text.mask_ignore_case,
         encode_empty_slots=c.text.encode_empty_slots,
     )
+    if run is not None:
+        run.write_record()
     trainer.fit(module, datamodule=datamodule, ckpt_path=settings.resume, weights_only=True)
     metrics = validation_metrics(trainer.callback_metrics)
     if trainer.is_global_zero:
