@@ -38,8 +38,8 @@ bench: install
 	$(PY) scripts/bench_retrieval.py --skip-large
 	$(PY) scripts/bench_release.py $(if $(RELEASE_DIR),--release-dir $(RELEASE_DIR))
 
-# Removes only the folders the demo and the data generator made (they carry a marker file);
-# training runs, evaluations and the user's data are kept.
+# Removes only the folders the demo and the data generator made (they carry a marker file), when
+# they hold nothing else (docs/reliability.md); training runs, evaluations and the user's data are kept.
 clean:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m agree.folders \
 		'remove=[$(subst $(space),$(comma),$(strip $(DEMO_DIR) $(wildcard data/*)))]'

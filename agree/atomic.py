@@ -32,6 +32,15 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}.{HOST}."
 
 
+# what a writer killed mid-way may leave: a temporary file (atomic_path), a staging folder
+LEFTOVER = re.compile(r"\..+\.\d+\.(?:[a-z0-9_]+\.tmp|staging)")
+
+
+def is_leftover(name: str) -> bool:
+    """Whether the file or folder ``name`` is a temporary file or staging folder of these writers."""
+    return LEFTOVER.fullmatch(name) is not None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -28,9 +28,11 @@ from agree.atomic import write_json
 from agree.cli import run_command
 from agree.config import merge_overrides
 from agree.console import quiet_lightning
+from agree.evaluate import CONTENTS as EVALUATION_CONTENTS
 from agree.evaluate import evaluate
 from agree.folders import claim
 from agree.report import write_report
+from agree.report.write import REPORT_FILES
 from agree.summary import (
     ZERO_SHOT_RUNS,
     chance_rsum,
@@ -39,10 +41,16 @@ from agree.summary import (
     summary_row,
     zero_shot_stages,
 )
+from agree.train import CONTENTS as TRAINING_CONTENTS
 from agree.train import train
 
 SCENES = ["data.synthetic.train_images=200"]  # the demo's data, for every step (a user's key=value wins)
 EVAL_KEYS = ("model", "data", "seed")  # override keys that also apply to the evaluations
+CONTENTS = (  # what the demo writes into its folder: make clean deletes it when it holds nothing else
+    "summary.json",
+    *(f"train/{pattern}" for pattern in TRAINING_CONTENTS),
+    *(f"{step}/{p}" for step in ("zero_shot/*", "fine_tuned") for p in (*EVALUATION_CONTENTS, *REPORT_FILES)),
+)
 
 
 @dataclass
@@ -76,7 +84,7 @@ def run(out_dir: Path, overrides: list[str]) -> tuple[list[dict], float]:
         tuned_cfg = compose(
             "evaluate", [f"output_dir={out_dir / 'fine_tuned'}", f"ckpt_path={ckpt}", "rerank=tbr", *shared]
         )
-        claim(out_dir, "demo")
+        claim(out_dir, "demo", contents=CONTENTS)
         shutil.rmtree(out_dir / "train", ignore_errors=True)
         print(f"1/3 zero-shot: raw, egr, tbr, egr_tbr ({out_dir / 'zero_shot'})", flush=True)
         zero = {name: evaluate(cfg) for name, cfg in zero_cfgs.items()}

@@ -19,6 +19,10 @@ class FolderNotOwnedError(ValueError):
     """A folder the project did not make, or made with other settings; the message is one line."""
 
 
+class FolderInUseError(FolderNotOwnedError):
+    """An output folder another live process is writing (it holds the folder's lock)."""
+
+
 def one_line(error: BaseException) -> str:
     """An exception's message with its whitespace (newlines included) collapsed."""
     return " ".join(str(error).split()) or type(error).__name__

@@ -30,13 +30,16 @@ from agree.console import quiet_libraries
 from agree.data.evaluation_files import OUTPUTS, RESULTS, EvaluationFiles, report_inputs, write_evaluation
 from agree.data.layout import resolve_path
 from agree.data.records import TestImage, TestText, read_test_images, read_test_texts, read_text_segs
-from agree.folders import check_entries, claim_entries
 from agree.report.table import format_table
 from agree.retrieval.extraction import jsonl_features, model_features
 from agree.retrieval.ground_truth import ground_truth
 from agree.retrieval.metrics import DIRECTIONS, recall_at_k, summarise
 from agree.retrieval.pipeline import EntityFeatures, rank_stages
+from agree.runfolder import RECORD, HydraRun, data_roots, output_folders
 from agree.settings import EvaluateSettings, evaluate_settings
+
+# what an evaluation writes into its output_dir: make clean may delete them in the demo's (agree.folders)
+CONTENTS = (*OUTPUTS, *(f"{name}/*" for name in OUTPUTS), f"{RECORD}/*", "*.log")
 
 
 @dataclass
@@ -78,21 +81,31 @@ def load_test_set(cfg: DictConfig, settings: EvaluateSettings | None = None) -> 
     return TestSet(texts, images, positives, *features, report_inputs=inputs)
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    """Extract (or read) features, rank and re-rank both directions, score, write every output."""
+def evaluate(cfg: DictConfig, run: HydraRun | None = None) -> dict:
+    """Extract (or read) features, rank and re-rank both directions, score, write every output.
+
+    ``run``: the ``@hydra.main`` run, whose folder is checked, locked and claimed too; its record
+    (``.hydra/``) is written with the outputs, as part of their set when it is the same folder.
+    """
     settings = check_config(cfg)
     target = settings.output_dir
-    check_entries(target, "evaluate", OUTPUTS)  # before any work: never replace a user's features/ ...
-    data = load_test_set(cfg, settings)
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
-        return {}  # extraction over several processes: the first one ranks and writes
-    lists, results = rank_and_score(settings, data)
-    claim_entries(target, "evaluate", OUTPUTS)
-    out = staging_dir(target, "evaluate")  # the outputs replace an earlier evaluation's as a set
-    ids = {"texts": [t.query_id for t in data.texts], "images": [im.image_id for im in data.images]}
-    stored = stored_features(data, extracted=not settings.from_files)
-    write_evaluation(EvaluationFiles(out), ids, stored, lists, results, data.report_inputs)
-    replace_as_set(out, target, OUTPUTS, last=RESULTS)
+    folders = {"output_dir": target} if run is None else {"hydra.run.dir": run.folder, "output_dir": target}
+    with output_folders("evaluate", folders, data_roots(settings.cfg), run):
+        data = load_test_set(cfg, settings)
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+            return {}  # extraction over several processes: the first one ranks and writes
+        lists, results = rank_and_score(settings, data)
+        out = staging_dir(target, "evaluate")  # the outputs replace an earlier evaluation's as a set
+        ids = {"texts": [t.query_id for t in data.texts], "images": [im.image_id for im in data.images]}
+        stored = stored_features(data, extracted=not settings.from_files)
+        write_evaluation(EvaluationFiles(out), ids, stored, lists, results, data.report_inputs)
+        names = OUTPUTS
+        if run is not None and run.folder.resolve() == target.resolve():
+            run.write_record(out)
+            names = (RECORD, *OUTPUTS)
+        elif run is not None:
+            run.write_record()
+        replace_as_set(out, target, names, last=RESULTS)
     return results
 
 
@@ -138,8 +151,9 @@ def stored_features(data: TestSet, extracted: bool) -> dict[str, torch.Tensor]:
 def main(cfg: DictConfig) -> float | None:
     freeze_imports()
     quiet_libraries()
+    run = HydraRun.of(cfg)  # before evaluate() fills in the model's defaults: the record is the command's
     with user_errors():
-        results = evaluate(cfg)
+        results = evaluate(cfg, run)
     if not results:  # another process of a multi-process extraction
         return None
     print(format_table(results))

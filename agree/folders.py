@@ -1,28 +1,34 @@
-"""Folders the project makes (the demo's, the generated datasets): marked, so only those are replaced.
+"""Folders the project makes: a folder is ours only if we made it (or found it empty), and marked it.
 
-A folder is the project's when it holds ``MARKER``, written when the project claimed it, naming
-the tool and its settings. A tool writes only into a folder that is missing, empty, or marked by
-itself with the same settings; ``python -m agree.folders remove=[PATH,...]`` (``make clean``)
-deletes the given folders that carry a marker and keeps every other one.
+A folder is the project's when it holds ``MARKER``, written when a command claimed it, naming the
+command (the owner), its settings and, for the folders that ``make clean`` may delete (the demo's,
+the generated datasets), the files the owner writes there (``contents``, glob patterns relative to
+the folder). A command writes only into a folder that is missing, empty, or marked by itself with
+the same settings; ``python -m agree.folders remove=[PATH,...]`` (``make clean``) deletes a given
+folder only if it is marked, declares its contents, and holds nothing else; any other folder is
+kept, with the files that kept it named.
 
     python -m agree.folders 'remove=[outputs/demo,data/scenes-64px-seed0-train1200]'
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agree.atomic import write_json
+from agree.atomic import is_leftover, write_json
 from agree.cli import run_command
-from agree.errors import FolderNotOwnedError
+from agree.errors import ConfigError, FolderNotOwnedError
+from agree.runlock import LOCK
 
 MARKER = ".agree-folder.json"
+SHOWN = 5  # foreign files named when make clean keeps a folder
 
 
 def _marker(folder: Path) -> dict | None:
@@ -33,25 +39,68 @@ def _marker(folder: Path) -> dict | None:
     return found if isinstance(found, dict) else None
 
 
-def check_claim(folder: str | os.PathLike, owner: str, params: dict[str, Any] | None = None) -> bool:
+def check_folder_path(folder: str | os.PathLike, key: str) -> None:
+    """``folder`` is a folder, or can be made as one: one :class:`ConfigError` line naming ``key`` if
+    a file stands in its way, a name or the path is too long, or its nearest folder is not writable.
+
+    Writes nothing (``agree.runlock.lock_folder`` makes the folder, and reports what only trying
+    finds, such as a file system that refuses new folders).
+    """
+    path = Path(os.path.abspath(folder))
+    existing = path
+    while not os.path.exists(existing) and existing != existing.parent:  # False on a name too long
+        existing = existing.parent
+    where = f"{key}={folder}"
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{where}: {existing} is a file, not a folder; choose a folder")
+    name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    for part in path.relative_to(existing).parts:
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(f"{where}: the name {part[:40]}... is longer than {name_max} bytes; shorten it")
+    if len(os.fsencode(path / LOCK)) >= path_max:
+        raise ConfigError(f"{where}: the path is longer than {path_max} bytes; choose a shorter one")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: {existing} is not writable; choose a folder you can write")
+
+
+def check_outside(folder: str | os.PathLike, key: str, roots: Mapping[str, str | os.PathLike]) -> None:
+    """``folder`` (links resolved) is neither one of the data folders ``roots`` (key -> path) nor
+    inside one: a command never writes into the data it reads."""
+    path = Path(os.path.realpath(folder))
+    for root_key, root in roots.items():
+        root_path = Path(os.path.realpath(root))
+        if path == root_path or root_path in path.parents:
+            raise FolderNotOwnedError(
+                f"{key}={folder} lies in {root_key}={root} ({root_path}); outputs never go into "
+                "a data folder: choose another folder"
+            )
+
+
+def check_claim(
+    folder: str | os.PathLike,
+    owner: str,
+    params: dict[str, Any] | None = None,
+    ignore: Iterable[str] = (),
+) -> bool:
     """Whether ``owner`` may write into ``folder`` (True: it is already marked as ``owner``'s).
 
-    Raises :class:`FolderNotOwnedError` for a non-empty folder without the marker, or one marked by
-    another tool or with other settings. Writes nothing.
+    Raises :class:`FolderNotOwnedError` for a folder that holds anything (but the lock file and the
+    entries named in ``ignore``) without the marker, or one marked by another command or with other
+    settings. Writes nothing.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FolderNotOwnedError(f"{folder}: not a folder; choose a new or empty folder")
-    wanted = {"owner": owner, "params": params or {}}
     found = _marker(folder)
-    if found == wanted:
-        return True
     if found is not None:
+        if found.get("owner") == owner and found.get("params", {}) == (params or {}):
+            return True
         raise FolderNotOwnedError(
             f"{folder}: made by agree {found.get('owner')} with other settings ({folder / MARKER}); "
             "delete it or choose another folder"
         )
-    if folder.is_dir() and any(folder.iterdir()):
+    skipped = {LOCK, *ignore}
+    if folder.is_dir() and any(entry.name not in skipped for entry in folder.iterdir()):
         raise FolderNotOwnedError(
             f"{folder}: not empty and not made by agree {owner} (no {MARKER}); "
             "refusing to write into it: choose a new or empty folder"
@@ -59,66 +108,87 @@ def check_claim(folder: str | os.PathLike, owner: str, params: dict[str, Any] | 
     return False
 
 
-def claim(folder: str | os.PathLike, owner: str, params: dict[str, Any] | None = None) -> Path:
-    """Make ``folder`` ``owner``'s: create and mark it if missing or empty (see ``check_claim``)."""
+def claim(
+    folder: str | os.PathLike,
+    owner: str,
+    params: dict[str, Any] | None = None,
+    contents: Iterable[str] = (),
+    ignore: Iterable[str] = (),
+) -> Path:
+    """Make ``folder`` ``owner``'s: create and mark it if missing or empty (see ``check_claim``).
+
+    ``contents``: the glob patterns of the files ``owner`` writes there, for a folder ``make clean``
+    may delete; none for one it keeps. A marker written by an earlier version gets them.
+    """
     folder = Path(folder)
-    if not check_claim(folder, owner, params):
+    record = {"owner": owner, "params": params or {}}
+    if contents:
+        record["contents"] = list(contents)
+    if not check_claim(folder, owner, params, ignore) or _marker(folder) != record:
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / MARKER, {"owner": owner, "params": params or {}})
+        write_json(folder / MARKER, record)
     return folder
 
 
-def check_entries(folder: str | os.PathLike, owner: str, names: Iterable[str]) -> bool:
-    """Whether ``owner`` may replace the entries ``names`` of ``folder`` (True: already marked as its).
+def _ours(relative: str, patterns: list[str]) -> bool:
+    parts = relative.split("/")
+    return (
+        parts[-1] in (MARKER, LOCK)
+        or any(is_leftover(part) for part in parts)
+        or any(fnmatch.fnmatchcase(relative, pattern) for pattern in patterns)
+    )
 
-    Unlike ``check_claim`` the folder may hold anything else (Hydra's ``.hydra/``, logs, a user's
-    files); only an entry of ``names`` that ``owner`` did not write (no marker, or another owner's
-    folder) is refused, with :class:`FolderNotOwnedError`. Writes nothing.
-    """
+
+def foreign_files(folder: str | os.PathLike, contents: Iterable[str]) -> list[str]:
+    """The files and links under ``folder`` (relative, sorted) that the patterns ``contents`` (and
+    the markers, lock files and writers' leftovers) do not cover; a link counts as foreign."""
+    folder, patterns = Path(folder), list(contents)
+    foreign = []
+    for top, dirs, names in os.walk(folder):
+        here = Path(top)
+        links = [d for d in dirs if (here / d).is_symlink()]  # os.walk does not enter them
+        for name in sorted([*names, *links]):
+            relative = (here / name).relative_to(folder).as_posix()
+            if (here / name).is_symlink() or not _ours(relative, patterns):
+                foreign.append(relative)
+    return sorted(foreign)
+
+
+def remove_owned(folder: str | os.PathLike) -> str:
+    """Delete ``folder`` if the project made it and it holds only what its marker's ``contents``
+    cover; return what was done, as the line ``make clean`` prints."""
     folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return f"kept {folder} (not a folder; links are not followed)" if folder.exists() else ""
     found = _marker(folder)
-    if found is not None and found.get("owner") == owner:
-        return True
-    taken = [name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
-    if found is not None or taken:
-        what = (
-            f"{taken[0]}, not written by agree {owner}"
-            if taken
-            else f"a marker of agree {found.get('owner')}"
+    if found is None:
+        return f"kept {folder} (not made by agree)"
+    contents = found.get("contents")
+    if not contents:
+        return f"kept {folder} (made by agree {found.get('owner')}, whose outputs are kept)"
+    foreign = foreign_files(folder, contents)
+    if foreign:
+        more = f", and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else ""
+        return (
+            f"kept {folder} (it holds files agree did not write there: {', '.join(foreign[:SHOWN])}{more}; "
+            "move them out to remove it)"
         )
-        raise FolderNotOwnedError(f"{folder}: holds {what}; refusing to replace it: choose another folder")
-    return False
-
-
-def claim_entries(folder: str | os.PathLike, owner: str, names: Iterable[str]) -> None:
-    """Mark ``folder`` as the place of ``owner``'s entries ``names`` (see ``check_entries``)."""
-    if not check_entries(folder, owner, names):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        write_json(Path(folder) / MARKER, {"owner": owner, "params": {}})
-
-
-def remove_owned(folder: str | os.PathLike) -> bool:
-    """Delete ``folder`` if the project made it (it holds ``MARKER``); return whether it did."""
-    folder = Path(folder)
-    if folder.is_symlink() or not folder.is_dir() or _marker(folder) is None:
-        return False
     shutil.rmtree(folder)
-    return True
+    return f"removed {folder}"
 
 
 @dataclass
 class RemoveConfig:
-    """Delete the given folders that the project made (they hold its marker); keep every other one."""
+    """Delete the given folders that the project made, when they hold nothing else; keep every other one."""
 
     remove: list[str] = field(default_factory=list)  # the folders to delete if the project made them
 
 
 def _remove(cfg: RemoveConfig) -> None:
     for path in cfg.remove:
-        if remove_owned(path):
-            print(f"removed {path}")
-        elif Path(path).exists():
-            print(f"kept {path} (not made by agree)")
+        done = remove_owned(path)
+        if done:
+            print(done)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,16 +22,17 @@ WANDB_RUN_FILE = "wandb_run.json"  # in the run directory: the W&B run that `ckp
 NAME_EXCLUDES = ("hydra.", "output_dir=", "data.root=", "data.vg_root=", "ckpt_path=", "logger=")
 
 
-def build_logger(cfg: DictConfig, keep_rows: int = 0):
+def build_logger(cfg: DictConfig, resume_step: int = 0):
     """The ``logger`` group's logger, or False when there is none.
 
-    ``keep_rows``: the CSV history rows a resumed run keeps (``HistoryCSVLogger``).
+    ``resume_step``: the step a resumed run starts at; the CSV history keeps the rows of the steps
+    before it (``HistoryCSVLogger``).
     """
     if cfg.get("logger") is None:
         return False
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
     if logger_cfg["_target_"] == f"{HistoryCSVLogger.__module__}.{HistoryCSVLogger.__name__}":
-        logger_cfg["keep_rows"] = keep_rows
+        logger_cfg["resume_step"] = resume_step
     if not logger_cfg["_target_"].endswith("WandbLogger"):
         return hydra.utils.instantiate(logger_cfg)
     logger = hydra.utils.instantiate({**logger_cfg, **wandb_settings(cfg, logger_cfg)})
@@ -109,57 +110,55 @@ def _hydra_job() -> dict | None:
 # CSV history across a resume
 
 
-def history_rows(path: str | Path) -> int:
-    """The number of rows (header excluded) of a ``metrics.csv``; 0 when it does not exist."""
-    path = Path(path)
-    if not path.is_file():
-        return 0
-    with open(path, "rb") as f:
-        return max(sum(1 for _ in f) - 1, 0)
-
-
-def keep_history(path: Path, rows: int) -> list[str]:
-    """Cut ``metrics.csv`` to its header and first ``rows`` rows (bytes kept as they are; the file is
-    left untouched when it has no more); return its columns. Values never span lines: numbers only."""
+def keep_history(path: Path, before_step: int) -> list[str]:
+    """Cut ``metrics.csv`` to its header and the rows of the steps before ``before_step``, whenever
+    they were written (bytes kept as they are; the file is left untouched when it has no other);
+    return its columns. Values never span lines: numbers only."""
     with open(path, "rb") as f:
         lines = f.readlines()
-    if len(lines) > rows + 1:
+    if not lines:
+        return []
+    columns = next(csv.reader([lines[0].decode()]))
+    step = columns.index("step")
+    kept = [line for line in lines[1:] if int(float(next(csv.reader([line.decode()]))[step])) < before_step]
+    if len(kept) < len(lines) - 1:
         with atomic_path(path) as tmp:
-            tmp.write_bytes(b"".join(lines[: rows + 1]))
-    return next(csv.reader([lines[0].decode()])) if lines else []
+            tmp.write_bytes(b"".join([lines[0], *kept]))
+    return columns
 
 
 class _HistoryWriter(ExperimentWriter):
-    def __init__(self, log_dir: str, keep_rows: int) -> None:
-        self.keep_rows = keep_rows
+    def __init__(self, log_dir: str, resume_step: int) -> None:
+        self.resume_step = resume_step
         super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:  # called by the base __init__, instead of deleting the file
         path = Path(self.metrics_file_path)
         if not path.is_file():
             return
-        if not self.keep_rows:
+        if not self.resume_step:
             path.unlink()
             return
-        self.metrics_keys = keep_history(path, self.keep_rows)  # appended rows use the same columns
+        self.metrics_keys = keep_history(path, self.resume_step)  # appended rows use the same columns
 
 
 class HistoryCSVLogger(CSVLogger):
-    """``CSVLogger`` that keeps the first ``keep_rows`` rows of an existing ``metrics.csv`` and appends.
+    """``CSVLogger`` that keeps the rows of an existing ``metrics.csv`` before ``resume_step``, and appends.
 
-    A resumed run passes the number of rows its checkpoint was written after (see
-    ``agree.train.LastCheckpoint``): the history up to the checkpoint stays, rows logged after it
-    (which the resumed run logs again) go. A fresh run (``keep_rows=0``) starts a new file.
+    A resumed run passes the step its checkpoint was written at (see ``agree.train.LastCheckpoint``):
+    every row of the steps the checkpoint holds stays, whether it was written before the checkpoint
+    or after it (a step's training loss is logged once its checkpoint is written); rows of later
+    steps, which the resumed run logs again, go. A fresh run (``resume_step=0``) starts a new file.
     """
 
-    def __init__(self, *args, keep_rows: int = 0, **kwargs) -> None:
+    def __init__(self, *args, resume_step: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.keep_rows = keep_rows
+        self.resume_step = resume_step
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _HistoryWriter(self.log_dir, self.keep_rows)
+            self._experiment = _HistoryWriter(self.log_dir, self.resume_step)
         return self._experiment

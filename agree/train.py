@@ -5,12 +5,12 @@ python -m agree.train +experiment=demo [key=value ...]
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
@@ -21,11 +21,19 @@ from agree.config import allow_tf32
 from agree.console import quiet_libraries
 from agree.data.datamodule import AgreeDataModule
 from agree.errors import ConfigError
-from agree.loggers import build_logger, history_rows
+from agree.loggers import WANDB_RUN_FILE, build_logger
 from agree.model.module import AgreeModule
 from agree.model.registry import inputs_for
 from agree.model.tokenizer import get_tokenizer
-from agree.settings import train_settings
+from agree.runfolder import RECORD, HydraRun, data_roots, output_folders
+from agree.settings import TrainSettings, train_settings
+
+LAST = Path("checkpoints") / "last.ckpt"  # in the run's output_dir
+# what a run writes into its output_dir: make clean may delete them in the demo's (agree.folders)
+CONTENTS = (
+    *("checkpoints/*", "csv/*", "tensorboard/*", "wandb/*", "metrics.json", WANDB_RUN_FILE),
+    *(f"{RECORD}/*", "*.log"),  # the record and log of a run of agree.train itself
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,12 +53,11 @@ class LastCheckpoint(Callback):
     when set, and when training ends: one file replaced in place, never a versioned duplicate.
 
     The loggers are flushed first, so that the files on disk match the checkpoint; the checkpoint
-    records the rows of ``history`` (the CSV logger's ``metrics.csv``) at that moment, the
-    validation metrics and whether training was finished (see ``run_state``).
+    records the validation metrics and whether training was finished (see ``run_state``).
     """
 
-    def __init__(self, path: Path, every_n_train_steps: int | None = None, history: Path | None = None):
-        self.path, self.every, self.history = path, every_n_train_steps, history
+    def __init__(self, path: Path, every_n_train_steps: int | None = None):
+        self.path, self.every = path, every_n_train_steps
         self.saved_step, self.trainer = None, None
 
     def _save(self, trainer: L.Trainer) -> None:
@@ -81,7 +88,6 @@ class LastCheckpoint(Callback):
         if trainer is None:
             return {}
         return {
-            "history_rows": history_rows(self.history) if self.history else 0,
             "metrics": validation_metrics(trainer.callback_metrics),
             "finished": trainer.global_step >= trainer.estimated_stepping_batches,
         }
@@ -93,13 +99,25 @@ def validation_metrics(metrics: dict) -> dict[str, float]:
 
 
 def run_state(checkpoint: str | None) -> dict:
-    """What ``LastCheckpoint`` recorded in ``checkpoint`` (empty for a fresh run or another file)."""
+    """What ``LastCheckpoint`` recorded in ``checkpoint``, and its ``global_step`` (empty for a fresh
+    run; only the step for a checkpoint of another program)."""
     if checkpoint is None:
         return {}
     import torch
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    return state.get("callbacks", {}).get(LastCheckpoint.__qualname__, {})
+    recorded = state.get("callbacks", {}).get(LastCheckpoint.__qualname__, {})
+    return {**recorded, "global_step": int(state.get("global_step", 0))}
+
+
+def check_new_run(out: Path, resume: str | None) -> None:
+    """A run starts in a folder holding another run only to resume that run's own last checkpoint."""
+    held = [path for path in (out / LAST, out / "metrics.json") if path.exists()]
+    if held and not (resume is not None and os.path.realpath(resume) == os.path.realpath(out / LAST)):
+        raise ConfigError(
+            f"{out} holds a run ({held[0].relative_to(out)}): resume it with ckpt_path=last, "
+            "or start afresh in a new folder (another hydra.run.dir, or output_dir)"
+        )
 
 
 def finished_run(out: Path, state: dict) -> dict[str, float]:
@@ -118,15 +136,30 @@ def finished_run(out: Path, state: dict) -> dict[str, float]:
     return state["metrics"]
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
-    """Train as ``cfg`` says; return the final validation metrics and the objects used."""
+def train(cfg: DictConfig, run: HydraRun | None = None) -> tuple[dict[str, float], dict]:
+    """Train as ``cfg`` says; return the final validation metrics and the objects used.
+
+    ``run``: the ``@hydra.main`` run, whose folder is checked, locked and claimed too, and whose
+    record (``.hydra/``) is written once every check has passed (``agree.runfolder``).
+    """
     settings = train_settings(cfg)  # every check, before anything is built or written
-    c = settings.cfg
-    allow_tf32(c.tf32)
     out = settings.output_dir
-    state = run_state(settings.resume)
-    if state.get("finished"):
-        return finished_run(out, state), {}
+    folders = {"output_dir": out} if run is None else {"hydra.run.dir": run.folder, "output_dir": out}
+    with output_folders("train", folders, data_roots(settings.cfg), run):
+        check_new_run(out, settings.resume)
+        state = run_state(settings.resume)
+        if state.get("finished"):
+            return finished_run(out, state), {}
+        return fit(cfg, settings, state, run)
+
+
+def fit(
+    cfg: DictConfig, settings: TrainSettings, state: dict, run: HydraRun | None = None
+) -> tuple[dict[str, float], dict]:
+    """Build the module, data and Trainer of checked ``settings`` and train, resuming ``state``;
+    ``run``'s record is written once they are built (Lightning checks the Trainer's arguments)."""
+    c, out = settings.cfg, settings.output_dir
+    allow_tf32(c.tf32)
     L.seed_everything(c.seed, workers=True)
     module = AgreeModule(
         model_name=settings.model.name,
@@ -147,9 +180,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         fused_adamw=c.optim.fused,
     )
     trainer_args = settings.trainer
-    logger = build_logger(cfg, keep_rows=state.get("history_rows", 0))
-    history = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
-    checkpoints = LastCheckpoint(out / "checkpoints" / "last.ckpt", c.checkpoint.every_n_train_steps, history)
+    logger = build_logger(cfg, resume_step=state.get("global_step", 0))
+    checkpoints = LastCheckpoint(out / LAST, c.checkpoint.every_n_train_steps)
     callbacks = [
         checkpoints,
         *configured_callbacks(cfg.get("callbacks"), logger, trainer_args["enable_progress_bar"]),
@@ -176,6 +208,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         mask_ignore_case=c.text.mask_ignore_case,
         encode_empty_slots=c.text.encode_empty_slots,
     )
+    if run is not None:
+        run.write_record()
     trainer.fit(module, datamodule=datamodule, ckpt_path=settings.resume, weights_only=True)
     metrics = validation_metrics(trainer.callback_metrics)
     if trainer.is_global_zero:
@@ -187,9 +221,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 def main(cfg: DictConfig) -> float | None:
     freeze_imports()
     quiet_libraries()
+    run = HydraRun.of(cfg)  # before train() fills in the model's defaults: the record is the command's
     try:
         with user_errors():
-            metrics, _ = train(cfg)
+            metrics, _ = train(cfg, run)
     finally:
         if cfg.get("logger") and str(cfg.logger.get("_target_", "")).endswith("WandbLogger"):
             import wandb

@@ -138,7 +138,7 @@ def test_command_line_prints_one_line_and_writes_nothing(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("config error: losses.clip=-1")
     assert "Traceback" not in done.stderr
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", ".lock", "train.log"]  # Hydra's, the lock
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "train.log"]  # no record (.hydra/)
     assert not (tmp_path / "data").exists()  # nothing generated either
 
 

@@ -120,8 +120,8 @@ def test_make_clean_removes_only_what_the_demo_and_the_generator_made(tmp_path):
     for name, content in kept.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(content)
-    claim(tmp_path / "outputs" / "demo", "demo")
-    claim(tmp_path / "data" / "scenes-64px-seed0-train1200", OWNER, {"seed": 0})
+    claim(tmp_path / "outputs" / "demo", "demo", contents=demo.CONTENTS)
+    claim(tmp_path / "data" / "scenes-64px-seed0-train1200", OWNER, {"seed": 0}, ["annotation/*"])
     done = subprocess.run(
         ["make", "-s", "-f", str(REPO / "Makefile"), "clean", f"PY={sys.executable}"],
         cwd=tmp_path,
@@ -332,21 +332,20 @@ def test_the_study_works_only_in_its_own_folder(tmp_path, monkeypatch):
 
 
 def test_an_evaluation_never_replaces_a_users_entries(scenes, tmp_path):
-    """``output_dir`` naming a folder with the user's ``features/``: refused before any work, unchanged;
-    Hydra's files or other files of the user beside the outputs are fine, and a rerun replaces its set."""
-    user = tmp_path / "mine"
-    (user / "features").mkdir(parents=True)
-    (user / "features" / "thesis.npy").write_bytes(b"years of work")
-    before = files(user)
+    """``output_dir`` naming a folder with the user's ``features/``, or with any file of the user's:
+    refused before any work, unchanged (issue 20, row 1: a folder is ours only if we made it); a
+    rerun into its own folder replaces its set."""
     overrides = [f"data.root={scenes.root}", *SCENES]
     with initialize_config_module("agree.conf", version_base="1.3"):
-        cfg = compose("evaluate", [f"output_dir={user}", *overrides])
-        with pytest.raises(FolderNotOwnedError, match="holds features, not written by agree evaluate"):
-            evaluate(cfg)
-        assert files(user) == before
-        shared = tmp_path / "shared"
-        (shared / ".hydra").mkdir(parents=True)
-        (shared / "notes.txt").write_text("mine")
+        for name, entry in (("mine", "features/thesis.npy"), ("shared", "notes.txt")):
+            user = tmp_path / name
+            (user / entry).parent.mkdir(parents=True, exist_ok=True)
+            (user / entry).write_bytes(b"years of work")
+            before = files(user)
+            with pytest.raises(FolderNotOwnedError, match="not empty and not made by agree evaluate"):
+                evaluate(compose("evaluate", [f"output_dir={user}", *overrides]))
+            assert files(user) == before
+        own = tmp_path / "own"
         for _ in range(2):  # the second run replaces the first one's set
-            evaluate(compose("evaluate", [f"output_dir={shared}", *overrides]))
-    assert (shared / "notes.txt").read_text() == "mine" and (shared / "results.json").is_file()
+            evaluate(compose("evaluate", [f"output_dir={own}", *overrides]))
+    assert (own / "results.json").is_file()

@@ -120,15 +120,18 @@ def finished(tmp_path_factory):
     return tmp, out
 
 
-def test_a_second_fresh_run_into_the_same_folder_keeps_one_last_checkpoint(finished, tmp_path):
+def test_a_second_fresh_run_into_the_same_folder_is_refused(finished, tmp_path):
     """Row 6: never a versioned duplicate (``last-v1.ckpt``, ``best-v1.ckpt``) next to ``last.ckpt``
-    and the best validation's ``best.ckpt``."""
+    and the best validation's ``best.ckpt``; a fresh run into a folder holding a run stops, and the
+    folder stays byte-identical (issue 20, row 3: it used to truncate metrics.csv and replace last.ckpt)."""
     tmp, out = finished
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     again = tmp_path / "run"
     shutil.copytree(out, again)
-    train(tiny_train(again, tmp / "scenes"))
-    assert sorted(p.name for p in (again / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    before = files(again)
+    with pytest.raises(ConfigError, match="holds a run .*: resume it with ckpt_path=last, or start afresh"):
+        train(tiny_train(again, tmp / "scenes"))
+    assert files(again) == before
 
 
 def test_resuming_a_finished_run_changes_nothing(finished):
@@ -194,7 +197,7 @@ def test_a_second_process_into_a_run_folder_in_use_stops_at_once(tmp_path):
     assert second.returncode == 1
     assert second.stderr.strip() == (
         f"error: {run_dir} is in use by pid {first.pid} on {os.uname().nodename}; "
-        "wait for it to end or choose another hydra.run.dir"
+        "wait for it to end or choose another folder"
     )
     assert (run_dir / ".hydra" / "config.yaml").read_bytes() == config  # the first run's, untouched
     assert b"seed: 0" in config

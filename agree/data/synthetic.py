@@ -41,6 +41,7 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = {"small": 0.55, "large": 1.0}
 MANIFEST = "synthetic.json"  # written last: the folder holds a complete dataset
 OWNER = "scenes"  # the generator's mark on its folders (agree.folders)
+PHRASINGS = 7  # the captions() templates: a scene has at most this many captions
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class SceneConfig:
     noise: float = 0.04  # pixel noise, as a fraction of the range
     mean: tuple[float, ...] = OPENAI_MEAN  # normalisation of the npz images: the model's
     std: tuple[float, ...] = OPENAI_STD
+
+    @property
+    def train_captions(self) -> int:
+        """The training records (one per caption) the dataset holds."""
+        return self.train_images * min(self.captions_per_image, PHRASINGS)
 
     def params(self) -> dict:
         """The parameters as JSON values (what the manifest records)."""
@@ -183,7 +189,7 @@ def captions(
         (f"on the left is {a}, on the right is {b}{middle}", [a, b, *rest]),
         (f"{a} and {b}" + "".join(f" and {r}" for r in rest), p),
     ]
-    chosen = rng.sample(templates, min(count, len(templates)))
+    chosen = rng.sample(templates, min(count, PHRASINGS))
     out = []
     for text, entities in chosen:
         longest = f"{a} left of {b}"
@@ -200,12 +206,22 @@ def _flickr_id(split: str, index: int) -> int:
     return {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000}[split] + index
 
 
+def contents(layout: ReleaseLayout) -> list[str]:
+    """The files the generator writes under ``layout.root`` (relative), which make clean may delete."""
+    files = [layout.train_records, layout.val_records, layout.test_texts, layout.test_images]
+    files += [layout.test_text_segs, layout.grounding_npz, layout.root / MANIFEST]
+    files += [layout.vg_images_npz, layout.vg_mask_images_npz, layout.vg_vocab]
+    for split in ("train", "val", "test"):
+        files += [layout.images_npz(split), layout.image_objects(split)]
+    return sorted(path.relative_to(layout.root).as_posix() for path in files)
+
+
 def generate(out_dir: str | Path, cfg: SceneConfig = SceneConfig()) -> ReleaseLayout:
     """Write the whole release layout under ``out_dir`` (Visual Genome under ``out_dir/VG``).
 
     ``out_dir`` must be missing, empty, or a scenes folder of the same parameters (``claim``).
     """
-    claim(out_dir, OWNER, cfg.params())
+    claim(out_dir, OWNER, cfg.params(), contents(cfg.layout(out_dir)))
     layout = cfg.layout(out_dir)
     rng = random.Random(cfg.seed)
     noise_rng = np.random.default_rng(cfg.seed)
@@ -299,7 +315,9 @@ def ensure_generated(out_dir: str | Path, cfg: SceneConfig) -> ReleaseLayout:
     with a one-line :class:`FolderNotOwnedError`, before anything is written.
     """
     if check_claim(out_dir, OWNER, cfg.params()) and (Path(out_dir) / MANIFEST).is_file():
-        return cfg.layout(out_dir)
+        layout = cfg.layout(out_dir)
+        claim(out_dir, OWNER, cfg.params(), contents(layout))  # a marker of an earlier version gets them
+        return layout
     return generate(out_dir, cfg)
 
 

@@ -20,6 +20,9 @@ from agree.report.page import ARROWS, Thumbnails, examples, page, plot_tag, reca
 from agree.report.plots import line_plot
 from agree.retrieval.metrics import DIRECTIONS, SHORT
 
+REPORT, RECALL_CURVES, VAL_METRICS = "report.html", "recall_curves.png", "val_metrics.png"
+REPORT_FILES = (REPORT, RECALL_CURVES, VAL_METRICS)  # what a report writes into its folder
+
 VAL_COLUMNS = [*(f"{SHORT[d]}_r{k}" for d in DIRECTIONS for k in (1, 5, 10)), "rsum"]  # as val/<column>
 
 
@@ -33,7 +36,7 @@ def evaluation_sections(directory: Path, queries: int, seed: int) -> list[str]:
         ARROWS[d]: {labels[s]: (list(range(1, len(c[d]) + 1)), c[d]) for s, c in curves.items()}
         for d in DIRECTIONS
     }
-    png = line_plot(panels, "k", "recall@k (%)", directory / "recall_curves.png")
+    png = line_plot(panels, "k", "recall@k (%)", directory / RECALL_CURVES)
     thumbs = Thumbnails(ev.npz, [im.image_id for im in ev.images], normalisation=ev.normalisation)
     rng = random.Random(seed)
     sections = [
@@ -64,7 +67,7 @@ def training_sections(directory: Path) -> list[str]:
         ARROWS[d]: {f"R@{k}": (steps, [row[f"val/{SHORT[d]}_r{k}"] for row in history]) for k in (1, 5, 10)}
         for d in DIRECTIONS
     }
-    png = line_plot(panels, "step", "recall (%)", directory / "val_metrics.png")
+    png = line_plot(panels, "step", "recall (%)", directory / VAL_METRICS)
     head = "".join(f"<th>{c}</th>" for c in ("epoch", "step", *VAL_COLUMNS))
     rows = "".join(
         f"<tr><td>{row['epoch']:.0f}</td><td>{row['step']:.0f}</td>"
@@ -90,7 +93,7 @@ def write_report(directory: str | Path, queries: int = 6, seed: int = 0) -> Path
             f"{directory}: expected results.json (an agree.evaluate output) "
             "or metrics.json (an agree.train run)"
         )
-    path = directory / "report.html"
+    path = directory / REPORT
     with atomic_path(path) as tmp:
         tmp.write_text(page(title, directory, sections), encoding="utf-8")
     return path

@@ -126,12 +126,25 @@ def check_data_root(data: DictConfig) -> ReleaseLayout | None:
     return layout
 
 
+# lightning.seed_everything's range (numpy's 32-bit seeds); written out, as an evaluation from
+# feature files imports no Lightning
+SEEDS = (0, 2**32 - 1)
+
+
+def check_seed(cfg: DictConfig, key: str = "seed") -> None:
+    """``cfg[key]`` is a seed Lightning accepts."""
+    value = OmegaConf.select(cfg, key)
+    low, high = SEEDS
+    require(low <= value <= high, key, value, f"a seed is an integer from {low} to {high}")
+
+
 def check_data_values(cfg: DictConfig) -> None:
     """Ranges of the ``data`` keys both commands read."""
     at_least(cfg, "data.num_workers", 0)
     at_least(cfg, "data.max_entities", 1)
     at_least(cfg, "data.max_entity_words", 1, "any length")
     if cfg.data.synthetic is not None:
+        check_seed(cfg, "data.synthetic.seed")
         for key in ("train_images", "val_images", "test_images", "captions_per_image", "min_objects"):
             at_least(cfg, f"data.synthetic.{key}", 1)
 

@@ -23,6 +23,7 @@ from agree.settings.common import (
     check_data_values,
     check_device,
     check_model,
+    check_seed,
     model_settings,
     require,
     require_file,
@@ -124,6 +125,7 @@ def evaluate_settings(cfg: DictConfig) -> EvaluateSettings:
     checked = typed(EvaluateConfig, cfg)
     for key in ("batch_size", "devices"):
         at_least(checked, key, 1)
+    check_seed(checked)
     device = check_device(checked.device)
     rerank = check_rerank(checked)
     check_feature_files(checked)

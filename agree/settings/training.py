@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from agree.config import data_layout, resolve_model, scene_config
 from agree.data.datasets import FALLBACK_MASKS
+from agree.data.json_lines import nonblank_lines
 from agree.data.layout import ReleaseLayout
 from agree.data.synthetic import SceneConfig
 from agree.errors import ConfigError
@@ -25,6 +27,7 @@ from agree.settings.common import (
     check_data_root,
     check_data_values,
     check_model,
+    check_seed,
     model_settings,
     require,
     require_file,
@@ -63,6 +66,41 @@ def device_batch_size(data: DictConfig, world_size: int, accumulate: int = 1) ->
     return total // parts
 
 
+def processes(trainer: dict[str, Any]) -> int:
+    """How many processes Lightning trains in: ``devices`` (a count, a list, or ``auto``/-1: every
+    CUDA device when it trains on them, else one) times ``num_nodes``."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, list | tuple):
+        count = len(devices)
+    elif isinstance(devices, int) and devices > 0:
+        count = devices
+    elif str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+    else:
+        count = 1
+    return count * int(trainer.get("num_nodes", 1))
+
+
+def check_batches(cfg: DictConfig, captions: int, where: str, trainer: dict[str, Any]) -> None:
+    """Every process gets at least one full batch of the ``captions`` training records.
+
+    Training batches are always full (``drop_last``: the loader resumes mid-epoch by counting
+    them, and the InfoNCE losses compare a fixed number of pairs), so a batch larger than a
+    process's share of the training set would train nothing: a config error, not a shorter batch.
+    """
+    world = processes(trainer)
+    batch = device_batch_size(cfg.data, world, int(trainer.get("accumulate_grad_batches", 1)))
+    share = math.ceil(captions / world)
+    if batch > share:
+        name = "global_batch_size" if cfg.data.get("global_batch_size") is not None else "batch_size"
+        per = f"; {share} for each of {world} processes" if world > 1 else ""
+        raise ConfigError(
+            f"data.{name}={cfg.data[name]}: the training set has {captions} captions ({where}{per}), "
+            f"fewer than one batch of {batch}; batches are full, so nothing would train: choose a "
+            "smaller batch, or more training data"
+        )
+
+
 def check_training_data(layout: ReleaseLayout, weights: dict[str, float]) -> None:
     """The annotation and image files of training, and those of every loss with a weight > 0."""
     for path in (
@@ -85,6 +123,7 @@ def check_training_data(layout: ReleaseLayout, weights: dict[str, float]) -> Non
 def check_train_values(cfg: DictConfig) -> None:
     """The ranges of the training keys (types are the schema's)."""
     optim, trainer = cfg.optim, cfg.trainer
+    check_seed(cfg)
     require(optim.lr > 0, "optim.lr", optim.lr, "the learning rate must be > 0")
     at_least(cfg, "optim.weight_decay", 0, kind="a number")
     require(optim.eps > 0, "optim.eps", optim.eps, "must be > 0")
@@ -204,17 +243,25 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
     resolve_model(cfg)  # the data config interpolates the model's size and normalisation
     checked = typed(TrainConfig, cfg, resolve=True)
     layout = check_data_root(checked.data)
+    trainer = trainer_arguments(cfg, checked)
+    scenes = scene_config(checked.data)
     if layout is not None:
         check_training_data(layout, weights)
+        captions = sum(1 for _ in nonblank_lines(layout.train_records))
+        check_batches(checked, captions, str(layout.train_records), trainer)
+    else:
+        per_image = scenes.train_captions // scenes.train_images
+        where = f"data.synthetic: {scenes.train_images} images x {per_image} captions"
+        check_batches(checked, scenes.train_captions, where, trainer)
     return TrainSettings(
         cfg=checked,
         output_dir=Path(checked.output_dir),
         weights=weights,
         model=model_settings(checked, checked.model.pretrained),
         layout=data_layout(checked.data),
-        scenes=scene_config(checked.data),
+        scenes=scenes,
         resume=resume_path(checked.ckpt_path, checked.output_dir),
-        trainer=trainer_arguments(cfg, checked),
+        trainer=trainer,
     )
 
 
