@@ -220,7 +220,8 @@ def test_a_long_row_costs_a_small_multiple_of_its_size(tmp_path, path_taken, bou
 UNSHARE = shutil.which("unshare")
 
 
-def _read_only_shm_works() -> bool:
+def read_only_mounts() -> bool:
+    """Whether a test can mount a read-only tmpfs in a mount namespace of its own (root, unshare)."""
     if UNSHARE is None:
         return False
     probe = [UNSHARE, "-m", "sh", "-c", "mount -t tmpfs -o ro,size=1m none /dev/shm"]
@@ -235,7 +236,7 @@ print(len(ids), features.shape[1], float(features.sum()))
 """
 
 
-@pytest.mark.skipif(not _read_only_shm_works(), reason="needs unshare -m and mount (root in a namespace)")
+@pytest.mark.skipif(not read_only_mounts(), reason="needs unshare -m and mount (root in a namespace)")
 def test_a_read_only_dev_shm_and_temporary_folder_change_nothing(tmp_path) -> None:
     """Issue 20 row 7: with ``/dev/shm`` read-only, a feature file over 16 MB failed ("Read-only file
     system", blamed on the file). The reader uses no scratch space: the same result either way."""
