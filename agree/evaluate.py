@@ -16,6 +16,7 @@ extracts, so an evaluation from feature files starts without loading it.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from agree.cli import freeze_imports, user_errors
 from agree.config import ensure_data
 from agree.console import quiet_libraries
 from agree.data.evaluation_files import OUTPUTS, RESULTS, EvaluationFiles, report_inputs, write_evaluation
+from agree.data.feature_cache import FeatureCache
 from agree.data.layout import resolve_path
 from agree.data.records import TestImage, TestText, read_test_images, read_test_texts, read_text_segs
 from agree.report.table import format_table
@@ -60,8 +62,19 @@ def check_config(cfg: DictConfig) -> EvaluateSettings:
     return evaluate_settings(cfg)
 
 
-def load_test_set(cfg: DictConfig, settings: EvaluateSettings | None = None) -> TestSet:
-    """Annotations, ground-truth checks, and features (from a model or from JSONL files)."""
+def open_cache(settings: EvaluateSettings) -> FeatureCache:
+    """The cache of parsed feature files (``cache_dir``), emptied first when ``cache_clear``."""
+    cache = FeatureCache.open(settings.cache_dir, settings.cache_max_bytes)
+    if settings.cfg.cache_clear and cache.folder is not None:
+        print(f"cache_clear: removed {cache.clear()} entries of {cache.folder}", file=sys.stderr)
+    return cache
+
+
+def load_test_set(
+    cfg: DictConfig, settings: EvaluateSettings | None = None, cache: FeatureCache | None = None
+) -> TestSet:
+    """Annotations, ground-truth checks, and features (from a model, or from JSONL files read
+    through ``cache``, default: :func:`open_cache`)."""
     settings = settings or check_config(cfg)
     from_files = settings.from_files
     a = cfg.annotations
@@ -75,7 +88,7 @@ def load_test_set(cfg: DictConfig, settings: EvaluateSettings | None = None) -> 
     if "egr" in cfg.rerank.stages and (not from_files or cfg.features.mask_padding):
         segs = read_text_segs(resolve_path(a.text_segs) if a.text_segs else layout.test_text_segs)
     if from_files:
-        features = jsonl_features(cfg, texts, images, segs)
+        features = jsonl_features(cfg, texts, images, segs, cache or open_cache(settings))
         return TestSet(texts, images, positives, *features, report_inputs=inputs)
     features = model_features(cfg, texts, images, segs, layout, settings.model.pretrained, settings.device)
     return TestSet(texts, images, positives, *features, report_inputs=inputs)
@@ -91,7 +104,8 @@ def evaluate(cfg: DictConfig, run: HydraRun | None = None) -> dict:
     target = settings.output_dir
     folders = {"output_dir": target} if run is None else {"hydra.run.dir": run.folder, "output_dir": target}
     with output_folders("evaluate", folders, data_roots(settings.cfg), run):
-        data = load_test_set(cfg, settings)
+        cache = open_cache(settings) if settings.from_files or cfg.cache_clear else None
+        data = load_test_set(cfg, settings, cache)
         if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
             return {}  # extraction over several processes: the first one ranks and writes
         lists, results = rank_and_score(settings, data)

@@ -199,4 +199,7 @@ class EvaluateConfig:
     rerank: RerankConfig = field(default_factory=RerankConfig)
     annotations: Annotations = field(default_factory=Annotations)
     features: FeatureFiles = field(default_factory=FeatureFiles)
+    cache_dir: Optional[str] = None  # parsed feature files (agree.data.feature_cache); null: no cache
+    cache_max_gb: float = 20.0
+    cache_clear: bool = False
     text: TextConfig = field(default_factory=TextConfig)

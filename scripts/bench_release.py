@@ -1,18 +1,23 @@
 """Side by side with the release's own evaluation scripts, from the same JSONL feature files.
 
-    python scripts/bench_release.py --release-dir PATH/EasyNLP/examples/agree [--full]
+    python scripts/bench_release.py [--release-dir PATH/EasyNLP/examples/agree] [--full]
 
 The release's zero-shot re-ranking (``run_flickr30k_zs_rerank.sh`` after feature extraction:
 ``eval/make_topk_predictions_mask+prompt.py`` with top-20 and batch 32, ``eval/eval_back_retrieval.py``,
 ``eval/evaluation.py`` for each direction) against ``python -m agree.evaluate method=reference
 rerank=egr_tbr`` on the same files: parse, exact search, EGR, TBR, predictions and recalls written.
-Each side runs as its own processes; the wall time of each and their ratio are printed, then the
-outputs are compared (the same EGR and TBR top-20 lists and the same recalls), so the two did
-equal work.
+Ours runs twice: the first run parses the files and fills the cache of parsed files
+(``agree.data.feature_cache``, in a temporary ``cache_dir``), the second reads them from it. Each
+side runs as its own processes; the wall time of each and the ratios are printed, then the outputs
+are compared (the same EGR and TBR top-20 lists and the same recalls, and the second run's files
+equal to the first's), so the sides did equal work. Then hashing the four files (the cache's key)
+against the parse it saves, and 20 EGR settings as one sweep (``-m``, one process) against 20 single
+runs, with the cache filled.
 
 The release's scripts are not shipped here: point ``--release-dir`` (or ``AGREE_RELEASE_DIR``) at
-``examples/agree`` of an EasyNLP checkout. They run unmodified; the one change needed on a machine
-without a GPU is made from outside: ``Tensor.cuda`` returns the tensor itself (``--run-release``).
+``examples/agree`` of an EasyNLP checkout; without it, only our side runs. They run unmodified; the
+one change needed on a machine without a GPU is made from outside: ``Tensor.cuda`` returns the
+tensor itself (``--run-release``).
 
 Default size: 200 images x 1,000 captions (the release's per-pair Python loops take minutes at full
 size); ``--full``: Flickr30k test size, 1,000 x 5,000. Both: 10 entity vectors per caption (the
@@ -24,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import runpy
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,9 +44,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agree.data.evaluation_files import read_predictions  # noqa: E402
+from agree.data.feature_cache import file_digest  # noqa: E402
 from agree.data.feature_files import write_feature_jsonl  # noqa: E402
 
 SLOTS, DIM = 10, 768
+FEATURES = ("images", "texts", "prompts", "masks")
+SWEEP = ",".join(f"{0.80 + 0.01 * i:.2f}" for i in range(20))  # rerank.text_to_image.raw_weight
 STAGES = {"egr": "", "tbr": "_rerank"}  # our stage -> suffix of the release's prediction files
 
 
@@ -90,15 +100,36 @@ def write_inputs(folder: Path, n_images: int, n_texts: int) -> dict[str, Path]:
     return paths
 
 
-def timed(command: list[str], log: Path) -> float:
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class Seconds:
+    """Wall time, and CPU time (user + system) of the processes: on a shared machine the wall time
+    of a process also counts the others' turns on the cores."""
+
+    wall: float
+    cpu: float
+
+    def __add__(self, other: Seconds) -> Seconds:
+        return Seconds(self.wall + other.wall, self.cpu + other.cpu)
+
+    def __str__(self) -> str:
+        return f"{self.wall:.1f} s ({self.cpu:.1f} s CPU)"
+
+
+def ratio(slow: Seconds, fast: Seconds) -> str:
+    return f"{slow.wall / fast.wall:.1f}x ({slow.cpu / fast.cpu:.1f}x in CPU time)"
+
+
+def timed(command: list[str], log: Path) -> Seconds:
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     with open(log, "ab") as out:
         subprocess.run(command, check=True, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    return time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return Seconds(time.perf_counter() - start, cpu)
 
 
-def release_side(release: Path, p: dict[str, Path], out: Path) -> float:
-    """The release's scripts as run_flickr30k_zs_rerank.sh runs them; their total wall time."""
+def release_side(release: Path, p: dict[str, Path], out: Path) -> Seconds:
+    """The release's scripts as run_flickr30k_zs_rerank.sh runs them; their total time."""
     eval_dir, log = release / "eval", out / "release.log"
     shim = [sys.executable, __file__, "--run-release"]
     t2i, i2t = (out / f"test_{name}_predictions_mask+prompt.jsonl" for name in ("texts", "images"))
@@ -114,19 +145,52 @@ def release_side(release: Path, p: dict[str, Path], out: Path) -> float:
         [str(eval_dir / "evaluation.py"), str(p["test_images"]), str(i2t_tbr),
          str(out / "image_output_mask+prompt_rerank.json"), "image_id"],
     ]  # fmt: skip
-    return sum(timed([*shim, *step], log) for step in steps)
+    return sum((timed([*shim, *step], log) for step in steps), Seconds(0, 0))
 
 
-def our_side(p: dict[str, Path], out: Path) -> float:
-    """``python -m agree.evaluate`` on the feature files, as one process; its wall time."""
-    command = [
-        sys.executable, "-m", "agree.evaluate", "method=reference", "rerank=egr_tbr", f"output_dir={out}",
+def evaluate_command(p: dict[str, Path], cache: Path, *more: str, multirun: bool = False) -> list[str]:
+    """``python -m agree.evaluate`` on the feature files, the cache of parsed files in ``cache``."""
+    return [
+        sys.executable, "-m", "agree.evaluate", *(["-m"] if multirun else []), "method=reference",
+        "rerank=egr_tbr", f"cache_dir={cache}",
         f"annotations.images={p['test_images']}", f"annotations.texts={p['test_texts']}",
         f"annotations.text_segs={p['text_segs']}", f"features.image_jsonl={p['images']}",
         f"features.text_jsonl={p['texts']}", f"features.prompt_jsonl={p['prompts']}",
-        f"features.mask_jsonl={p['masks']}",
+        f"features.mask_jsonl={p['masks']}", *more,
     ]  # fmt: skip
-    return timed(command, out.parent / "ours.log")
+
+
+def our_side(p: dict[str, Path], cache: Path, out: Path) -> Seconds:
+    """One ``python -m agree.evaluate`` process writing into ``out``; its time."""
+    return timed(evaluate_command(p, cache, f"output_dir={out}"), out.parent / "ours.log")
+
+
+def sweep_and_single_runs(p: dict[str, Path], cache: Path, folder: Path) -> tuple[Seconds, Seconds]:
+    """Times of the 20 EGR settings of ``SWEEP`` as one multirun and as 20 processes."""
+    log = folder / "sweep.log"
+    sweep = timed(evaluate_command(p, cache, f"rerank.text_to_image.raw_weight={SWEEP}",
+                                   f"hydra.sweep.dir={folder / 'sweep'}", multirun=True), log)  # fmt: skip
+    single = sum(
+        (
+            timed(
+                evaluate_command(
+                    p, cache, f"rerank.text_to_image.raw_weight={w}", f"output_dir={folder / w}"
+                ),
+                log,
+            )
+            for w in SWEEP.split(",")
+        ),
+        Seconds(0, 0),
+    )
+    return sweep, single
+
+
+def same_outputs(first: Path, second: Path) -> list[str]:
+    """The output files (predictions, evaluation, results) that differ between two runs."""
+    names = ["results.json"] + [
+        f"{kind}/{path.name}" for kind in ("predictions", "evaluation") for path in (first / kind).iterdir()
+    ]
+    return [name for name in names if (first / name).read_bytes() != (second / name).read_bytes()]
 
 
 # two candidates whose final EGR scores differ by less than this are a near-tie: the release sums in
@@ -182,9 +246,11 @@ def main() -> None:
     if args.run_release:
         run_release(args.run_release[0], args.run_release[1:])
         return
-    if args.release_dir is None or not (args.release_dir / "eval" / "evaluation.py").is_file():
-        print("release side by side: skipped (give --release-dir PATH/EasyNLP/examples/agree)")
-        return
+    release = args.release_dir
+    if release is not None and not (release / "eval" / "evaluation.py").is_file():
+        raise SystemExit(
+            f"--release-dir {release}: no eval/evaluation.py (examples/agree of an EasyNLP checkout)"
+        )
     n_images = 1000 if args.full else 200
     print(
         f"release side by side: {n_images:,} images x {5 * n_images:,} captions x {SLOTS} entities, {DIM}-d"
@@ -192,19 +258,50 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = write_inputs(tmp, n_images, 5 * n_images)
-        size = sum(paths[n].stat().st_size for n in ("images", "texts", "prompts", "masks")) / 1e9
+        size = sum(paths[n].stat().st_size for n in FEATURES) / 1e9
         print(f"    {size:.2f} GB of JSONL features")
-        (tmp / "release").mkdir()
-        theirs = release_side(args.release_dir.resolve(), paths, tmp / "release")
-        ours = our_side(paths, tmp / "ours")
-        print(f"    the release's scripts (parse, search, EGR, TBR, recalls): {theirs:.1f} s")
-        print(f"    python -m agree.evaluate (the same, one process):          {ours:.1f} s")
-        print(f"    {theirs / ours:.0f}x faster")
-        problems, near_ties = compare(tmp / "release", tmp / "ours")
+        theirs = None
+        if release is None:
+            print("    the release's scripts: skipped (give --release-dir PATH/EasyNLP/examples/agree)")
+        else:
+            (tmp / "release").mkdir()
+            theirs = release_side(release.resolve(), paths, tmp / "release")
+            print(f"    the release's scripts (parse, search, EGR, TBR, recalls): {theirs}")
+        cache = tmp / "cache"
+        runs = {
+            "first": our_side(paths, cache, tmp / "first"),
+            "second": our_side(paths, cache, tmp / "second"),
+        }
+        for run, what in (("first", "parses, fills the cache"), ("second", "reads the cache")):
+            faster = f": {ratio(theirs, runs[run])} faster" if theirs else ""
+            print(f"    python -m agree.evaluate, {run} run ({what}): {runs[run]}{faster}")
+        start = time.perf_counter()
+        for name in FEATURES:
+            file_digest(paths[name])
+        hashing = time.perf_counter() - start
+        saved = runs["first"].cpu - runs["second"].cpu  # the parse (and the writing of the entries)
+        print(
+            f"    hashing the 4 files, the key (every run): {hashing:.2f} s ({size / hashing:.1f} GB/s);"
+            f" the parse it saves (first - second run, CPU time): {saved:.1f} s"
+        )
+        sweep, single = sweep_and_single_runs(paths, cache, tmp)
+        print(
+            f"    20 EGR settings (rerank.text_to_image.raw_weight): one sweep (-m, 1 process) {sweep},"
+            f" 20 single runs {single}: {ratio(single, sweep)}"
+        )
+        problems = [
+            f"second run's {name} differs from the first's"
+            for name in same_outputs(tmp / "first", tmp / "second")
+        ]
+        near_ties = 0
+        if release is not None:
+            found, near_ties = compare(tmp / "release", tmp / "second")
+            problems += found
         if problems:
-            raise SystemExit("the two sides differ: " + "; ".join(problems))
+            raise SystemExit("the runs differ: " + "; ".join(problems))
         ties = f", but for {near_ties} swaps of near-tied candidates (< {NEAR_TIE:g})" if near_ties else ""
-        print(f"    the same EGR and TBR top-20 lists and the same recalls on both sides{ties}")
+        sides = "both sides and both runs" if release is not None else "both runs"
+        print(f"    the same EGR and TBR top-20 lists and the same recalls on {sides}{ties}")
 
 
 if __name__ == "__main__":

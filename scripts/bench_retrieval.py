@@ -98,7 +98,7 @@ print(time.perf_counter() - start)
 
 def read_seconds(folder: Path, rows: str) -> float:
     """Seconds to read the 4 feature files of ``folder`` with the readers of ``agree.evaluate``,
-    ``rows`` "fast" or "validated", in a fresh process: its parsing workers are forked from it."""
+    ``rows`` "fast" or "validated", in a fresh process (no cache: ``agree.evaluate`` parses a file once)."""
     command = [sys.executable, "-c", READ, str(folder), rows]
     return float(subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO).stdout)
 

@@ -14,6 +14,15 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL_SCENES = SceneConfig(seed=3, train_images=60, val_images=12, test_images=20, vg_images_per_word=2)
 
 
+@pytest.fixture(autouse=True)
+def feature_cache_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's own cache of parsed feature files (``cache_dir``'s default follows
+    ``XDG_CACHE_HOME``, also in the commands a test starts): the suite never writes to ~/.cache."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder))
+    return folder / "agree"
+
+
 @pytest.fixture(scope="session")
 def scenes(tmp_path_factory):
     """A small generated release (64 px), shared by the tests that only read it."""

@@ -7,12 +7,13 @@ as integers when numeric (:func:`canonical_id`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from agree.errors import DataFormatError, one_line
 
@@ -84,18 +85,29 @@ def json_loads(text: str | bytes, where: str, line_in_error: bool = False) -> An
         raise DataFormatError(f"{where}: {one_line(e)}") from None
 
 
-def nonblank_lines(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
-    """(``file:line``, raw line) of each non-blank line."""
+def nonblank_lines(path: str | os.PathLike, file: BinaryIO | None = None) -> Iterator[tuple[str, bytes]]:
+    """(``file:line``, raw line with its end) of each non-blank line of ``path``, read from ``file``
+    (an open binary file of it; default: opened here). Each line is read once, never copied."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")
     try:
-        with open(path, "rb") as f:
+        # a 1 MB buffer: with the default 8 kB, reading the release's 100 kB lines took 4x as long
+        with open(path, "rb", buffering=1 << 20) if file is None else contextlib.nullcontext(file) as f:
             for number, line in enumerate(f, start=1):
-                if line.strip():
+                if not _blank(line):
                     yield f"{path}:{number}", line
     except OSError as e:
         raise DataFormatError(f"{path}: cannot read ({one_line(e)})") from None
+
+
+def _blank(line: bytes) -> bool:
+    """Whether ``line`` holds only ASCII whitespace (its first byte tells, but for blank lines: a
+    ``strip`` of every line would copy it)."""
+    return line[:1] in _WHITESPACE and not line.strip()
+
+
+_WHITESPACE = (b"", b" ", b"\t", b"\r", b"\n", b"\x0b", b"\x0c")
 
 
 def decode_utf8(line: bytes, where: str) -> str:

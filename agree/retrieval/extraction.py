@@ -12,7 +12,8 @@ import torch
 from omegaconf import DictConfig
 
 from agree.data.entities import kept_entities, scatter_slots, slot_mask
-from agree.data.feature_files import feature_rows, read_entity_feature_jsonl, read_feature_jsonl
+from agree.data.feature_cache import FeatureCache
+from agree.data.feature_files import entity_slots
 from agree.data.layout import resolve_path
 from agree.data.npz_images import NpzImages
 from agree.data.records import TestImage, TestText
@@ -151,21 +152,20 @@ def _in_order(ids: list[str], wanted: list[str], path, what: str) -> np.ndarray 
 
 
 def jsonl_features(
-    cfg: DictConfig, texts: list[TestText], images: list[TestImage], segs: dict[str, list[str]] | None = None
+    cfg: DictConfig,
+    texts: list[TestText],
+    images: list[TestImage],
+    segs: dict[str, list[str]] | None = None,
+    cache: FeatureCache | None = None,
 ):
-    """(text features, image features, entity features or None) from reference JSONL files.
+    """(text features, image features, entity features or None) from reference JSONL files, each
+    parsed once through ``cache`` (default: none, every file parsed).
 
     With ``segs`` (``features.mask_padding``), only each query's real entity slots count in EGR.
     """
-    f = cfg.features
-    keys = {"image_jsonl": "image_id", "text_jsonl": "query_id"}
-    if "egr" in cfg.rerank.stages:
-        keys.update(prompt_jsonl="query_id", mask_jsonl="query_id")
-    # every file's parsing starts now: the workers go on with the next while one is assembled here
-    paths = {key: resolve_path(f[key]) for key in keys}
-    rows = {key: feature_rows(paths[key], id_key) for key, id_key in keys.items()}
-    image_ids, image_rows = read_feature_jsonl(paths["image_jsonl"], "image_id", rows["image_jsonl"])
-    text_ids, text_rows = read_feature_jsonl(paths["text_jsonl"], "query_id", rows["text_jsonl"])
+    f, cache = cfg.features, cache or FeatureCache(None)
+    image_ids, image_rows = cache.vectors(resolve_path(f.image_jsonl), "image_id")
+    text_ids, text_rows = cache.vectors(resolve_path(f.text_jsonl), "query_id")
     if image_rows.shape[1] != text_rows.shape[1]:
         raise DataFormatError(
             f"{f.image_jsonl}: {image_rows.shape[1]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
@@ -177,7 +177,8 @@ def jsonl_features(
     if "egr" in cfg.rerank.stages:
         slots = []
         for key in ("prompt_jsonl", "mask_jsonl"):
-            ids, slot_rows, valid = read_entity_feature_jsonl(paths[key], cfg.rerank.max_entities, rows[key])
+            rows = cache.entities(resolve_path(f[key]))
+            ids, (slot_rows, valid) = rows.ids, entity_slots(rows, cfg.rerank.max_entities)
             if slot_rows.shape[2] not in (0, text_rows.shape[1]):
                 raise DataFormatError(
                     f"{f[key]}: {slot_rows.shape[2]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from agree.config import data_layout, generated, resolve_model, scene_config
+from agree.data.feature_cache import default_cache_dir
 from agree.data.layout import ReleaseLayout, resolve_path
 from agree.data.synthetic import SceneConfig
 from agree.errors import ConfigError
@@ -32,6 +33,8 @@ from agree.settings.common import (
 
 RERANK_STAGES = ("egr", "tbr")
 
+OmegaConf.register_new_resolver("agree_cache_dir", default_cache_dir, replace=True)  # cache_dir's default
+
 
 @dataclass(frozen=True)
 class EvaluateSettings:
@@ -45,6 +48,8 @@ class EvaluateSettings:
     scenes: SceneConfig | None  # the scenes to generate under layout.root
     device: torch.device
     rerank: dict[str, Any]  # the re-ranking arguments of retrieval.pipeline.rank_stages
+    cache_dir: Path | None  # parsed feature files (agree.data.feature_cache); None: no cache
+    cache_max_bytes: int
 
 
 def check_rerank(cfg: DictConfig) -> dict[str, Any]:
@@ -152,6 +157,12 @@ def evaluate_settings(cfg: DictConfig) -> EvaluateSettings:
         layout, scenes = data_layout(checked.data), scene_config(checked.data)
     check_test_data(checked, None if scenes is not None else layout, from_files)
     check_entity_counts(checked, layout)
+    require(
+        checked.cache_max_gb > 0,
+        "cache_max_gb",
+        checked.cache_max_gb,
+        "must be > 0 (cache_dir=null: no cache)",
+    )
     return EvaluateSettings(
         cfg=checked,
         output_dir=Path(checked.output_dir),
@@ -161,4 +172,6 @@ def evaluate_settings(cfg: DictConfig) -> EvaluateSettings:
         scenes=scenes,
         device=device,
         rerank=rerank,
+        cache_dir=resolve_path(checked.cache_dir) if checked.cache_dir else None,
+        cache_max_bytes=int(checked.cache_max_gb * 1e9),
     )
