@@ -59,9 +59,22 @@ def data_layout(data: DictConfig) -> ReleaseLayout:
         resolve_path(data.root),
         resolve_path(data.vg_root),
         int(data.image_size),
+        data.get("prefix", "flickr30k"),
         mean=tuple(map(float, data.mean)),
         std=tuple(map(float, data.std)),
     )
+
+
+def data_source(data: DictConfig) -> dict:
+    """What a checkpoint records of its training data, and ``agree.evaluate`` compares with its own:
+    ``kind``, ``root`` (absolute), ``prefix``, ``image_size``."""
+    layout = data_layout(data)
+    return {
+        "kind": data.kind,
+        "root": str(layout.root),
+        "prefix": layout.prefix,
+        "image_size": layout.image_size,
+    }
 
 
 def generated(data: DictConfig) -> bool:

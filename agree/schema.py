@@ -48,6 +48,7 @@ class ModelConfig:
 class DataConfig:
     kind: str = MISSING  # scenes | release: set by the data group
     root: str = MISSING
+    prefix: str = "flickr30k"  # of the release's file names (agree.prepare's prefix: coco, ...)
     vg_root: str = MISSING
     image_size: Optional[int] = None
     mean: Optional[list[float]] = None
@@ -190,6 +191,7 @@ class EvaluateConfig:
     output_dir: str = MISSING
     ckpt_path: Optional[str] = None
     ckpt_required: bool = False  # set by the presets that evaluate a fine-tuned model
+    ckpt_data: str = "same"  # same | any: the data ckpt_path was trained on, or any data
     batch_size: int = 128
     devices: int = 1
     device: str = "auto"

@@ -17,7 +17,7 @@ SHORT = {d: metrics.SHORT[d].upper() for d in DIRECTIONS}  # "I2T", "T2I"
 def zero_shot_stages(results: dict[str, dict]) -> dict[str, dict]:
     """The four zero-shot stages (raw, egr, tbr, egr_tbr) from the results of ``ZERO_SHOT_RUNS``."""
     tbr, egr_tbr = results["tbr"], results["egr_tbr"]
-    return {"raw": tbr["raw"], "egr": egr_tbr["egr"], "tbr": tbr["tbr"], "egr_tbr": egr_tbr["tbr"]}
+    return {"raw": tbr["raw"], "egr": egr_tbr["egr"], "tbr": tbr["tbr"], "egr_tbr": egr_tbr["egr_tbr"]}
 
 
 def summary_row(model: str, losses: str, stage: str, block: dict) -> dict:

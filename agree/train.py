@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from agree.atomic import write_json, write_torch
 from agree.callbacks import configured_callbacks
 from agree.cli import freeze_imports, user_errors
-from agree.config import allow_tf32
+from agree.config import allow_tf32, data_source
 from agree.console import quiet_libraries
 from agree.data.datamodule import AgreeDataModule
 from agree.errors import ConfigError
@@ -178,6 +178,7 @@ def fit(
         grad_checkpointing=c.model.grad_checkpointing,
         compile=c.model.compile,
         fused_adamw=c.optim.fused,
+        data_source=data_source(c.data),
     )
     trainer_args = settings.trainer
     logger = build_logger(cfg, resume_step=state.get("global_step", 0))

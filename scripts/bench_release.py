@@ -50,7 +50,7 @@ from agree.data.feature_files import write_feature_jsonl  # noqa: E402
 SLOTS, DIM = 10, 768
 FEATURES = ("images", "texts", "prompts", "masks")
 SWEEP = ",".join(f"{0.80 + 0.01 * i:.2f}" for i in range(20))  # rerank.text_to_image.raw_weight
-STAGES = {"egr": "", "tbr": "_rerank"}  # our stage -> suffix of the release's prediction files
+STAGES = {"egr": "", "egr_tbr": "_rerank"}  # our stage -> suffix of the release's prediction files
 
 
 def run_release(script: str, args: list[str]) -> None:
@@ -230,7 +230,7 @@ def compare(release_out: Path, ours: Path) -> tuple[list[str], int]:
                 problems.append(f"{stage} {direction}: {len(differing)} of {len(mine)} lists differ")
     for direction, name in (("text_to_image", "text"), ("image_to_text", "image")):
         theirs = json.loads((release_out / f"{name}_output_mask+prompt_rerank.json").read_text())["scoreJson"]
-        mine = json.loads((ours / "evaluation" / f"tbr_{direction}.json").read_text())["scoreJson"]
+        mine = json.loads((ours / "evaluation" / f"egr_tbr_{direction}.json").read_text())["scoreJson"]
         if not near_ties and any(abs(theirs[k] - mine[k]) > 1e-9 for k in ("r1", "r5", "r10")):
             problems.append(f"recalls {direction}: release {theirs}, ours {mine}")
     return problems, near_ties

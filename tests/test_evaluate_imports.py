@@ -22,7 +22,7 @@ with initialize_config_module("agree.conf", version_base="1.3"):
     cfg = compose("evaluate", sys.argv[1:])
 results = evaluate(cfg)
 heavy = sorted({m.split(".")[0] for m in sys.modules} & set(%r))
-print(json.dumps({"heavy": heavy, "rsum": results["tbr"]["rsum"]}))
+print(json.dumps({"heavy": heavy, "rsum": results["egr_tbr"]["rsum"]}))
 """
 
 

@@ -221,7 +221,7 @@ def test_karpathy_bad_input_names_file_and_element(tmp_path, edit, fragments):
     ],
 )
 def test_cli_errors_say_what_is_valid(argv, fragments, capsys):
-    assert main(argv) == 2
+    assert main(argv) == 1
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and all(f in message for f in fragments), message
 

@@ -20,7 +20,7 @@ from agree.report.page import TOP
 from .test_progress_and_wandb import SCENES
 
 QUERIES = 4
-STAGES = ("raw", "egr", "tbr")
+STAGES = ("raw", "egr", "egr_tbr")
 DATA_URI = re.compile(r'<img[^>]* src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 

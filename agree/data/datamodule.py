@@ -13,7 +13,13 @@ from agree.data.datasets import CollateTrain, CollateVal, EntitySources, Tokeniz
 from agree.data.layout import ReleaseLayout
 from agree.data.npz_images import NpzImages
 from agree.data.pixels import black
-from agree.data.records import read_image_objects, read_train_records, read_val_records, read_vg_vocab
+from agree.data.records import (
+    prepared_fields,
+    read_image_objects,
+    read_train_records,
+    read_val_records,
+    read_vg_vocab,
+)
 from agree.data.synthetic import SceneConfig, ensure_generated
 
 
@@ -136,7 +142,7 @@ class AgreeDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = TrainCaptions(
-            read_train_records(self.layout.train_records),
+            read_train_records(self.layout.train_records, prepared_fields(self.needs)),
             NpzImages(self.layout.images_npz("train"), self.layout.image_size),
             self.needs,
             self.entity_sources(),

@@ -130,6 +130,13 @@ def checked_rows(
     return rows
 
 
+def first_row(path: str | os.PathLike) -> tuple[str, dict]:
+    """(``file:line``, object) of the first line of a JSON-lines file; the rest is not read."""
+    for where, line in nonblank_lines(path):
+        return where, check_fields(json_loads(decode_utf8(line, where), where), {}, where)
+    raise DataFormatError(f"{path}: no records")
+
+
 def read_jsonl(path: str | os.PathLike, fields: dict[str, type | tuple[type, ...]]) -> list[dict]:
     """Read a JSON-lines file; every line must be an object holding ``fields`` with those types."""
     return [row for _, row in checked_rows(path, fields)]

@@ -44,6 +44,11 @@ class ReleaseLayout:
         return self.annotation(f"{split}_images.npz")
 
     @property
+    def images_preprocessing(self) -> Path:
+        """What ``agree.prepare karpathy`` made the npz images for (model, size, mean, std)."""
+        return self.annotation("images_preprocessing.json")
+
+    @property
     def test_texts(self) -> Path:
         return self.annotation("test_texts.jsonl")
 

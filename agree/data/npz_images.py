@@ -58,6 +58,10 @@ class NpzImages:
         """The canonical ids of the arrays."""
         return list(self._keys)
 
+    def first_shape(self) -> tuple[int, ...] | None:
+        """The shape of the archive's first array (None when it holds none), without checking it."""
+        return self._load(next(iter(self._keys.values()))).shape if self._keys else None
+
     def require(self, keys: list[str], what: str) -> None:
         """Fail with the first of ``keys`` (named in ``what``) that the archive lacks."""
         for key in keys:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,15 @@ from agree.data.json_lines import (
 from agree.errors import DataFormatError
 
 NO_GROUNDING_LABEL = "object"
+# The fields of a training line that data preparation adds, what they hold and the command that
+# adds them (``{path}``: the train jsonl, ``{root}``: its release folder). A line without a field
+# has not been prepared; a present, empty list is a caption without entities.
+PREPARED_FIELDS = {
+    "segs": ("textual entities", "python -m agree.prepare entities input={path}"),
+    "preds": ("grounded entities", "python -m agree.prepare ground root={root} images=<the image folder>"),
+}
+# The batch inputs of ``datasets.TrainCaptions`` that read a prepared field.
+INPUT_FIELDS = {"prompts": "segs", "masked_captions": "segs", "ground_masked": "preds"}
 
 
 def flickr_id(image_path: str) -> str:
@@ -65,7 +75,27 @@ def _grounded(value: Any, where: str) -> tuple[tuple[str, float], ...]:
     return tuple(preds)
 
 
-def read_train_records(path: str | os.PathLike) -> list[TrainRecord]:
+def prepared_fields(inputs: Collection[str]) -> list[str]:
+    """The prepared fields (``PREPARED_FIELDS``) that the batch ``inputs`` read, in table order."""
+    needed = {INPUT_FIELDS[name] for name in inputs if name in INPUT_FIELDS}
+    return [name for name in PREPARED_FIELDS if name in needed]
+
+
+def how_to_prepare(field: str, path: str | os.PathLike) -> str:
+    """``'segs' (the textual entities); run `...```: a prepared field and the command that adds it."""
+    what, command = PREPARED_FIELDS[field]
+    path = Path(path)
+    return f"{field!r} ({what}); run `{command.format(path=path, root=path.parents[1])}`"
+
+
+def read_train_records(path: str | os.PathLike, required: Collection[str] = ()) -> list[TrainRecord]:
+    """The training lines; each must hold the prepared fields in ``required`` (``segs``, ``preds``),
+    else absent ones read as empty."""
+    rows = checked_rows(path, {"image": str, "caption": str, "image_id": (int, str)})
+    for field in required:
+        missing = next((where for where, row in rows if field not in row), None)
+        if missing is not None:
+            raise DataFormatError(f"{missing}: no {how_to_prepare(field, path)}")
     return [
         TrainRecord(
             image_key=parse_id(row["image_id"], where, "image_id"),
@@ -74,7 +104,7 @@ def read_train_records(path: str | os.PathLike) -> list[TrainRecord]:
             segs=tuple(string_list(row.get("segs", []), where, "segs")),
             preds=_grounded(row.get("preds", []), where),
         )
-        for where, row in checked_rows(path, {"image": str, "caption": str, "image_id": (int, str)})
+        for where, row in rows
     ]
 
 

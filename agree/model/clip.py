@@ -7,6 +7,7 @@ name, and loading one under another name fails instead of silently changing the 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import open_clip
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from agree.console import weights_loaded_after
-from agree.errors import ConfigError
+from agree.errors import ConfigError, one_line
 
 open_clip.add_model_config(Path(__file__).parent / "configs")  # the tiny CPU config ("agree-tiny")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -30,6 +31,7 @@ def embedded_weights(name: str) -> str:
 OmegaConf.register_new_resolver("agree_weights", embedded_weights, replace=True)
 
 CHECKPOINT_KEY = "agree_model_name"
+DATA_KEY = "agree_data"  # the training data: kind, root, prefix, image_size (agree.config.data_source)
 
 
 class ModelLoadError(ConfigError):
@@ -99,16 +101,30 @@ def preprocess_config(name: str, pretrained: str | None = None, image_size: int 
     return cfg
 
 
-def load_training_checkpoint(model: torch.nn.Module, name: str, path: str | Path) -> None:
-    """Load the model weights of an ``agree.train`` checkpoint, refusing another architecture."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """An ``agree.train`` checkpoint (tensors never unpickled); ``mmap``: tensors stay on disk until
+    read, so reading its metadata costs little."""
     if not Path(path).is_file():
         raise ModelLoadError(f"checkpoint {path} not found")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ModelLoadError(f"{path}: not a checkpoint of agree.train ({one_line(e)})") from None
+
+
+def check_checkpoint_model(checkpoint: dict, name: str, path: str | Path) -> None:
+    """The checkpoint holds a model named ``name``."""
     stored = checkpoint.get(CHECKPOINT_KEY)
     if stored != name:
         raise ModelLoadError(
             f"{path} holds a {stored!r} model, but model.name={name!r}; set model.name={stored}"
         )
+
+
+def load_training_checkpoint(model: torch.nn.Module, name: str, path: str | Path) -> None:
+    """Load the model weights of an ``agree.train`` checkpoint, refusing another architecture."""
+    checkpoint = read_checkpoint(path)
+    check_checkpoint_model(checkpoint, name, path)
     prefix = "model."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)

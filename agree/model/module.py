@@ -7,7 +7,7 @@ import math
 import lightning as L
 import torch
 
-from agree.model.clip import CHECKPOINT_KEY, create_clip, encode_image, encode_text
+from agree.model.clip import CHECKPOINT_KEY, DATA_KEY, create_clip, encode_image, encode_text
 from agree.model.registry import IMAGE_PARTS, LOSSES, TEXT_PARTS, LossBatch
 from agree.retrieval.recall_metric import RetrievalRecallMetric
 
@@ -113,7 +113,9 @@ class AgreeModule(L.LightningModule):
         grad_checkpointing: bool = False,
         compile: bool = False,
         fused_adamw: bool | None = None,
+        data_source: dict | None = None,
     ):
+        """``data_source``: what the checkpoints record of the training data (``DATA_KEY``)."""
         super().__init__()
         self.save_hyperparameters()
         self.model = create_clip(model_name, pretrained)
@@ -185,3 +187,5 @@ class AgreeModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = self.hparams.model_name
+        if self.hparams.get("data_source") is not None:
+            checkpoint[DATA_KEY] = dict(self.hparams.data_source)

@@ -40,7 +40,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one step; a user error is one line on stderr and exit code 2."""
+    """Run one step; a user error is one line on stderr and exit code 1, as every command's."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["-h"], ["--help"]):
         print(usage())
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         module.run(cfg)
     except (ConfigError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 

@@ -103,6 +103,11 @@ def caption_entities(captions: Sequence[str], pipeline: str = "en_core_web_sm") 
 
 def read_captions(path: str | Path) -> tuple[str, list[dict]]:
     """(text key, rows) of a train or test texts jsonl, validated (every line, before any key)."""
+    if json_list(path):
+        raise DataFormatError(
+            f"input={path}: a JSON list (as the validation captions' _val.json, which need no entities), "
+            "not JSON lines: give the train jsonl (_train_pred.jsonl) or the test texts (_test_texts.jsonl)"
+        )
     rows = checked_rows(path, {})
     where, first = rows[0]
     key = next((k for k in TEXT_KEYS if k in first), None)
@@ -112,6 +117,15 @@ def read_captions(path: str | Path) -> tuple[str, list[dict]]:
         )
     fields = {"caption": str} if key == "caption" else {"query_id": (int, str), "query_text": str}
     return key, [check_fields(row, fields, where) for where, row in rows]
+
+
+def json_list(path: str | Path) -> bool:
+    """Whether the file starts as a JSON list (``[``), which no JSON-lines file of the release does."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).lstrip().startswith(b"[")
+    except OSError:
+        return False  # the reader names the problem
 
 
 def default_output(path: Path, key: str) -> Path:

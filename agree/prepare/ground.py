@@ -30,7 +30,7 @@ from agree.data.entities import kept_entities
 from agree.data.json_lines import read_jsonl
 from agree.data.layout import ReleaseLayout
 from agree.data.records import NO_GROUNDING_LABEL, flickr_id
-from agree.errors import ConfigError, DataFormatError
+from agree.errors import ConfigError, DataFormatError, one_line
 from agree.prepare.images import ImageOptions, Preprocess, image_file, load_image
 from agree.prepare.shards import ShardResult, Shards
 
@@ -49,15 +49,44 @@ class Config(ImageOptions):
     overwrite: bool = False  # replace existing preds and grounding npz
 
 
+def locate_detector(name: str) -> str:
+    """``name`` (a local folder or a hub id) as ``from_pretrained`` should load it: a hub id found in
+    the local cache as its snapshot folder. An id not cached costs one request to the hub, without
+    the retries of ``transformers``' downloads (minutes offline): unreachable, it is one line."""
+    if Path(name).expanduser().is_dir():
+        return name
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return huggingface_hub.snapshot_download(name, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    hint = f"set detector=<a local folder holding the model>, or download {name} where there is network"
+    try:
+        huggingface_hub.model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise ConfigError(
+            f"detector={name}: no such folder, nor a model of the Hugging Face hub; {hint}"
+        ) from None
+    except Exception as e:  # the transport's errors differ between hub client versions
+        raise ConfigError(
+            f"detector={name}: not in the local Hugging Face cache, and the hub cannot be reached "
+            f"({type(e).__name__}: {one_line(e)}); {hint} (`hf download {name}`)"
+        ) from None
+    return name  # reachable: transformers downloads it
+
+
 class Detector:
     """The best box (x0, y0, x1, y1 in pixels) and score of each text query on an image."""
 
     def __init__(self, name: str, device: str):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
+        source = locate_detector(name)
         try:
-            self.processor = AutoProcessor.from_pretrained(name)
-            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(name).eval()
+            self.processor = AutoProcessor.from_pretrained(source)
+            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(source).eval()
         except (OSError, ValueError) as e:
             raise ConfigError(f"detector={name!r}: cannot load it ({str(e).splitlines()[0]})") from None
         self.kind = self.model.config.model_type

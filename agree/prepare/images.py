@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from omegaconf import OmegaConf
 from open_clip.transform import (
     MaybeConvertMode,
     MaybeToTensor,
@@ -119,17 +120,47 @@ class Preprocess:
         return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
+MODEL_PRESETS = Path(__file__).parents[1] / "conf" / "model"  # agree.train's model group
+DEFAULT_PRETRAINED = "openai"
+
+
 @dataclass
 class ImageOptions:
     """Config keys of the steps that write npz images: the open_clip model whose preprocessing to use."""
 
-    model: str = "ViT-L-14-quickgelu"  # an open_clip model name
-    pretrained: str | None = "openai"  # its weights tag (sets mean/std for some models); no download
+    model: str = (
+        "ViT-L-14-quickgelu"  # an open_clip model name, or a preset of agree.train (tiny, vit_l14, ...)
+    )
+    pretrained: str | None = (
+        DEFAULT_PRETRAINED  # its weights tag (sets mean/std for some models); no download
+    )
     image_size: int | None = None  # null: the model's own input size
     shard_size: int = 256
 
+    def model_keys(self) -> tuple[str, str | None, int | None]:
+        """(open_clip name, weights, image size) of ``model``, ``pretrained`` and ``image_size``.
+
+        ``model`` may name a preset of ``agree.train``'s ``model`` group (``tiny``, ``scenes_pretrained``,
+        ``vit_b32``, ``vit_l14``), as training takes it: the preset's name, weights and size are used.
+        """
+        path = MODEL_PRESETS / f"{self.model}.yaml"
+        if not path.is_file():
+            return self.model, self.pretrained, self.image_size
+        preset = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        name, weights, size = preset["name"], preset["pretrained"], preset["image_size"]
+        for key, given, own in (
+            ("pretrained", self.pretrained, weights),
+            ("image_size", self.image_size, size),
+        ):
+            if given not in (own, DEFAULT_PRETRAINED if key == "pretrained" else None):
+                raise ConfigError(
+                    f"model={self.model} is a preset (model {name}, pretrained {weights}, image_size "
+                    f"{size}); for {key}={given}, give model={name} {key}={given}"
+                )
+        return name, weights, size
+
     def preprocess(self) -> Preprocess:
-        return Preprocess.for_model(self.model, self.pretrained, self.image_size)
+        return Preprocess.for_model(*self.model_keys())
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@
 
 Writes under ``root``: ``annotation/<prefix>_train_pred.jsonl`` (no ``segs``/``preds`` yet: the
 ``entities`` and ``ground`` steps add them), ``<prefix>_val.json``, ``<prefix>_test_texts.jsonl``,
-``<prefix>_test_images.jsonl`` and ``<prefix>_{train,val,test}_images.npz``. npz keys: the image's
-index in its split (train, val), its file stem (test). Annotation ``image`` fields are
+``<prefix>_test_images.jsonl``, ``<prefix>_{train,val,test}_images.npz`` and
+``<prefix>_images_preprocessing.json`` (the model, size, mean and std the npz images were made
+for; training and evaluation check them against their model). npz keys: the image's index in its
+split (train, val), its file stem (test). Annotation ``image`` fields are
 ``<images folder name>/[filepath/]filename``, as the release's ``flickr30k-images/1000092795.jpg``.
 """
 
@@ -20,10 +22,10 @@ from pathlib import Path, PurePosixPath
 from omegaconf import MISSING
 
 from agree.atomic import replace_as_set, staging_dir, write_json, write_jsonl
-from agree.data.json_lines import check_fields, check_name, json_id, read_json, show
+from agree.data.json_lines import canonical_id, check_fields, check_name, json_id, read_json, show
 from agree.data.layout import ReleaseLayout
 from agree.errors import ConfigError, DataFormatError
-from agree.prepare.images import EncodeImages, ImageOptions
+from agree.prepare.images import EncodeImages, ImageOptions, Preprocess
 from agree.prepare.shards import Shards
 
 SPLITS = ("train", "restval", "val", "test")
@@ -86,10 +88,37 @@ def by_split(images: list[KarpathyImage], restval: bool, path: str | Path) -> di
     for split in ("train", "val", "test"):
         if not splits[split]:
             raise DataFormatError(f"{path}: no {split!r} images")
-    stems = [image.stem for image in splits["test"]]
-    if len(set(stems)) != len(stems):
-        raise DataFormatError(f"{path}: test images with the same file stem (their npz key)")
     return {split: splits[split] for split in ("train", "val", "test")}
+
+
+def check_unique(images: list[KarpathyImage], path: str | Path) -> None:
+    """Each image once, each image id once, over every split.
+
+    An image in two splits leaks test images into training; two files of one id (``0042.jpg`` and
+    ``42.jpg``: ids compare as integers) would share the test npz key, the object lists and the
+    grounded masks.
+    """
+    seen: dict[str, int] = {}
+    for i, image in enumerate(images):
+        j = seen.setdefault(canonical_id(image.stem), i)
+        if j == i:
+            continue
+        first = images[j]
+        where = f"{path}: images[{j}] and images[{i}]"
+        if first.image == image.image:
+            splits = (
+                f"twice in split {first.split!r}"
+                if first.split == image.split
+                else (f"in split {first.split!r} and in {image.split!r}")
+            )
+            raise DataFormatError(
+                f"{where} are the same image {show(image.image)}, {splits}: keep each image once, in one "
+                "split (a test image seen in training inflates the recalls)"
+            )
+        raise DataFormatError(
+            f"{where} ({show(first.image)} and {show(image.image)}) have the same image id "
+            f"{show(canonical_id(image.stem))} (the file stem, compared as an integer): rename one of them"
+        )
 
 
 def check_files(splits: dict[str, list[KarpathyImage]], source: str | Path, folder: Path) -> None:
@@ -128,6 +157,7 @@ def outputs(layout: ReleaseLayout) -> list[Path]:
         layout.test_texts,
         layout.test_images,
         *(layout.images_npz(split) for split in ("train", "val", "test")),
+        layout.images_preprocessing,
         layout.train_records,
     ]
 
@@ -140,9 +170,11 @@ def run(cfg: Config) -> ReleaseLayout:
     """
     folder = Path(cfg.images)
     dataset, images = read_karpathy(cfg.karpathy, folder)
+    check_unique(images, cfg.karpathy)
     splits = by_split(images, cfg.restval, cfg.karpathy)
     check_files(splits, cfg.karpathy, folder)
-    preprocess = cfg.preprocess()
+    model, weights, image_size = cfg.model_keys()
+    preprocess = Preprocess.for_model(model, weights, image_size)
     root = Path(cfg.root)
     layout = ReleaseLayout(root, root.parent / "VG", preprocess.size, cfg.prefix or dataset or "flickr30k")
     existing = [path for path in outputs(layout) if path.exists()]
@@ -165,6 +197,8 @@ def run(cfg: Config) -> ReleaseLayout:
     write_annotations(staged_layout, splits)
     for split, shards in encoded.items():
         shards.merge_npz("images", staged_layout.images_npz(split))
+    made = {"model": model, "pretrained": weights, "image_size": preprocess.size}
+    write_json(staged_layout.images_preprocessing, {**made, "mean": preprocess.mean, "std": preprocess.std})
     replace_as_set(
         staged / "annotation",
         root / "annotation",

@@ -152,9 +152,10 @@ class EncodeBank:
 
 
 def bank_items(
-    regions: dict[str, list[Region]], vocab: list[str], per_word: int, files: dict[int, Path]
+    regions: dict[str, list[Region]], vocab: list[str], per_word: int, files: dict[int, Path], folder: Path
 ) -> list[dict]:
-    """One item per VG image (by id): the (word, region) pairs of the words whose bank it is in."""
+    """One item per VG image (by id): the (word, region) pairs of the words whose bank it is in;
+    ``files``: the images found in ``folder`` (``index_images``)."""
     pairs: dict[int, list] = defaultdict(list)
     for word in vocab:
         for region in sorted(regions[word], key=lambda r: (-r.area, r.vg_id))[:per_word]:
@@ -162,7 +163,9 @@ def bank_items(
     missing = sorted(set(pairs) - set(files))
     if missing:
         raise DataFormatError(
-            f"VG image {missing[0]}.jpg not found ({len(missing)} of {len(pairs)} bank images missing)"
+            f"{folder}: VG image {missing[0]}.jpg not found, in it or a folder in it ({len(missing)} of "
+            f"{len(pairs)} bank images missing): set images= to the folder holding VG's images "
+            "(VG_100K/ and VG_100K_2/, or their files)"
         )
     return [{"vg_id": i, "file": str(files[i]), "objects": pairs[i]} for i in sorted(pairs)]
 
@@ -180,7 +183,8 @@ def run(cfg: Config) -> ReleaseLayout:
         for split, by_image in entities.items()
     }
     vocab = sorted({w for by_image in matched.values() for ws in by_image.values() for w in ws})
-    items = bank_items(regions, vocab, cfg.images_per_word, index_images(Path(cfg.images)))
+    folder = Path(cfg.images)
+    items = bank_items(regions, vocab, cfg.images_per_word, index_images(folder), folder)
     shards = Shards(
         layout.vg_mask_images_npz, items, cfg.shard_size, {"step": "visual-genome", **preprocess.params()}
     )

@@ -62,11 +62,11 @@ class Thumbnails:
         return f'<img src="{self.cache[index]}" alt="{label}" title="{label}">'
 
 
-def stage_label(stages: list[str], stage: str) -> str:
-    """``raw search``, or the re-rankers applied up to ``stage`` (``EGR + TBR``)."""
+def stage_label(stage: str) -> str:
+    """``raw search``, or the re-rankers a stage's name lists (``egr_tbr``: ``EGR + TBR``)."""
     if stage == "raw":
         return "raw search"
-    return " + ".join(s.upper() for s in stages[1 : stages.index(stage) + 1])
+    return " + ".join(s.upper() for s in stage.split("_"))
 
 
 def recall_table(results: dict, labels: dict[str, str]) -> str:

@@ -29,8 +29,7 @@ VAL_COLUMNS = [*(f"{SHORT[d]}_r{k}" for d in DIRECTIONS for k in (1, 5, 10)), "r
 def evaluation_sections(directory: Path, queries: int, seed: int) -> list[str]:
     """Recall table, recall@k curves and sampled examples of an evaluation output."""
     ev = load_evaluation(directory)
-    stages = list(ev.lists)
-    labels = {stage: stage_label(stages, stage) for stage in stages}
+    labels = {stage: stage_label(stage) for stage in ev.lists}
     curves = recall_curves(ev)
     panels = {
         ARROWS[d]: {labels[s]: (list(range(1, len(c[d]) + 1)), c[d]) for s, c in curves.items()}

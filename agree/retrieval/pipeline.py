@@ -14,6 +14,15 @@ from agree.retrieval.search import topk_both
 STAGES = ("egr", "tbr")
 
 
+def stage_names(stages: Sequence[str]) -> list[str]:
+    """The name of each stage's output: the re-rankers applied so far (``["egr", "egr_tbr"]``).
+
+    ``results.json``, the prediction files, the console, the report, the demo and the study all
+    name a stage so: TBR on the EGR lists is ``egr_tbr``, on the raw lists ``tbr``.
+    """
+    return ["_".join(stages[: i + 1]) for i in range(len(stages))]
+
+
 @dataclass
 class EntityFeatures:
     """Per caption: entity-prompt and entity-masked-caption features, and which slots are real."""
@@ -35,7 +44,8 @@ def rank_stages(
     image_to_text: dict | None = None,
     min_raw_k: int = 10,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Ranked lists per stage: ``{"raw": {...}, "egr": {...}, "tbr": {...}}`` for the stages asked.
+    """Ranked lists per stage: ``{"raw": {...}, "egr": {...}, "egr_tbr": {...}}`` for the stages asked
+    (named by ``stage_names``).
 
     Each holds ``text_to_image`` [T, k] image indices and ``image_to_text`` [I, k] caption
     indices. Raw lists have at least ``min_raw_k`` entries; each stage works on the previous
@@ -52,7 +62,7 @@ def rank_stages(
     searched = dict(zip(DIRECTIONS, topk_both(texts, images, search_k), strict=True))
     lists = {"raw": {d: ranked[:, :raw_k] for d, (_, ranked) in searched.items()}}
     current = {d: ranked[:, :k] for d, ranked in lists["raw"].items()}
-    for stage in stages:
+    for stage, name in zip(stages, stage_names(stages), strict=True):
         if stage == "egr":
             e = entities
             current = {
@@ -88,5 +98,5 @@ def rank_stages(
                     current["image_to_text"], current["text_to_image"], absent_rank=absent_rank
                 ),
             }
-        lists[stage] = current
+        lists[name] = current
     return lists

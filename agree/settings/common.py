@@ -11,10 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from agree.config import data_layout, generated, resolve_device, scene_config
+from agree.data.json_lines import check_fields, read_json
 from agree.data.layout import ReleaseLayout, resolve_path
+from agree.data.npz_images import NpzImages
 from agree.data.synthetic import OWNER
-from agree.errors import ConfigError
-from agree.folders import check_claim
+from agree.errors import ConfigError, DataFormatError, FolderNotOwnedError
+from agree.folders import MARKER, check_claim
 
 
 def typed(schema: type, cfg: DictConfig, resolve: bool = False) -> DictConfig:
@@ -116,7 +118,17 @@ def check_data_root(data: DictConfig) -> ReleaseLayout | None:
     """The layout of real data whose root exists; None for ``data=synthetic`` (generated on demand)."""
     check_data_group(data)
     if generated(data):
-        check_claim(resolve_path(data.root), OWNER, scene_config(data).params())  # never into a user's folder
+        root = resolve_path(data.root)
+        try:
+            check_claim(root, OWNER, scene_config(data).params())  # never into a user's folder
+        except FolderNotOwnedError as e:
+            if (root / "annotation").is_dir() and not (root / MARKER).exists():  # a release, not scenes
+                raise ConfigError(
+                    f"data.root={data.root}: a release folder (it holds annotation/) under data=synthetic, "
+                    "which generates scenes there: add data=flickr30k to read it (or choose another "
+                    "data.root for the scenes)"
+                ) from e
+            raise
         return None
     layout = data_layout(data)
     if not layout.root.is_dir():
@@ -136,6 +148,53 @@ def check_seed(cfg: DictConfig, key: str = "seed") -> None:
     value = OmegaConf.select(cfg, key)
     low, high = SEEDS
     require(low <= value <= high, key, value, f"a seed is an integer from {low} to {high}")
+def prepare_model_keys(model: DictConfig) -> str:
+    """``agree.prepare``'s model keys for ``model``: ``model=ViT-B-32-quickgelu pretrained=openai``."""
+    import open_clip
+
+    tag = (
+        model.pretrained if model.pretrained in open_clip.list_pretrained_tags_by_model(model.name) else None
+    )
+    return f"model={model.name} pretrained={tag or 'null'}"
+
+
+def _close(a, b) -> bool:
+    return len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b, strict=True))
+
+
+def _numbers(values) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+
+
+def check_npz_images(layout: ReleaseLayout, model: DictConfig, split: str) -> None:
+    """The npz images were made for the model's input: the size and normalisation that
+    ``agree.prepare karpathy`` records beside them, or (the release's own files, without that
+    record) the size of the first array of the ``split`` npz."""
+    made = layout.images_preprocessing
+    if made.is_file():
+        record = check_fields(read_json(made), {"image_size": int, "mean": list, "std": list}, str(made))
+        size, mean, std = record["image_size"], record["mean"], record["std"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mean + std):
+            raise DataFormatError(f"{made}: 'mean' and 'std' must be lists of numbers")
+        images = f"{size} px, mean {_numbers(mean)}, std {_numbers(std)} ({made})"
+    else:
+        shape = NpzImages(layout.images_npz(split), layout.image_size).first_shape()
+        if shape is None:
+            return
+        size, mean, std = shape[-1], layout.mean, layout.std
+        images = f"{size} px ({layout.images_npz(split)})"
+    same_norm = _close(mean, layout.mean) and _close(std, layout.std)
+    if size == layout.image_size and same_norm:
+        return
+    wanted = f"{layout.image_size} px" + (
+        "" if same_norm else f", mean {_numbers(layout.mean)}, std {_numbers(layout.std)}"
+    )
+    raise ConfigError(
+        f"data.root={layout.root}: its npz images are {images}, but model.name={model.name} takes {wanted}: "
+        "prepare them for this model with `python -m agree.prepare karpathy karpathy=<the Karpathy JSON> "
+        f"images=<the image folder> root=<a new folder> {prepare_model_keys(model)}`, or choose a model "
+        "made for those images"
+    )
 
 
 def check_data_values(cfg: DictConfig) -> None:

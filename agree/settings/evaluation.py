@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from agree.config import data_layout, generated, resolve_model, scene_config
+from agree.config import data_layout, data_source, generated, resolve_model, scene_config
 from agree.data.feature_cache import default_cache_dir
 from agree.data.layout import ReleaseLayout, resolve_path
 from agree.data.synthetic import SceneConfig
@@ -24,6 +24,7 @@ from agree.settings.common import (
     check_data_values,
     check_device,
     check_model,
+    check_npz_images,
     check_seed,
     model_settings,
     require,
@@ -104,6 +105,41 @@ def check_entity_counts(cfg: DictConfig, layout: ReleaseLayout | None) -> None:
     )
 
 
+CKPT_DATA = ("same", "any")
+
+
+def data_overrides(source: dict) -> str:
+    """The ``data`` overrides that name a ``data_source``: ``data=flickr30k data.root=/data/f30k``."""
+    group = "flickr30k" if source["kind"] == "release" else "synthetic"
+    prefix = f" data.prefix={source['prefix']}" if source["prefix"] != "flickr30k" else ""
+    return f"data={group} data.root={source['root']}{prefix}"
+
+
+def checkpoint_data(path: Path, cfg: DictConfig) -> dict | None:
+    """The training data ``ckpt_path`` records (None for a checkpoint without it), after checking
+    that it holds a ``model.name`` model: both from its metadata, its tensors left on disk."""
+    from agree.model.clip import DATA_KEY, check_checkpoint_model, read_checkpoint
+
+    checkpoint = read_checkpoint(path, mmap=True)
+    check_checkpoint_model(checkpoint, cfg.model.name, path)
+    return checkpoint.get(DATA_KEY)
+
+
+def check_same_data(cfg: DictConfig, trained_on: dict | None) -> None:
+    """With ``ckpt_data=same``, the evaluation's data is the one the checkpoint was trained on."""
+    if trained_on is None or cfg.ckpt_data == "any":
+        return
+    current = data_source(cfg.data)
+    if current != trained_on:
+        size = trained_on["image_size"]
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path} was trained on {data_overrides(trained_on)} ({size}-px images), "
+            f"this evaluation reads {data_overrides(current)} ({current['image_size']}-px images): add "
+            f"{data_overrides(trained_on)} to evaluate it on its test split, or set ckpt_data=any to "
+            "evaluate it on other data"
+        )
+
+
 def check_test_data(cfg: DictConfig, layout: ReleaseLayout | None, from_files: bool) -> None:
     """The annotation files given, and those under ``data.root`` the evaluation reads."""
     annotations = cfg.annotations
@@ -114,12 +150,19 @@ def check_test_data(cfg: DictConfig, layout: ReleaseLayout | None, from_files: b
             )
     if layout is None:
         return
-    needed = {"texts": layout.test_texts, "images": layout.test_images}
-    if "egr" in cfg.rerank.stages and not from_files:
-        needed["text_segs"] = layout.test_text_segs
-    for key, path in needed.items():
+    for key, path in {"texts": layout.test_texts, "images": layout.test_images}.items():
         if not annotations[key]:
             require_file(path, "data.root", cfg.data.root, f"set annotations.{key}, or fix data.root")
+    if "egr" in cfg.rerank.stages and not from_files and not annotations.text_segs:
+        path = layout.test_text_segs
+        require_file(
+            path,
+            "rerank.stages",
+            list(cfg.rerank.stages),
+            "EGR needs the entities of the test captions: run `python -m agree.prepare entities "
+            f"input={layout.test_texts} output={path}`, or set annotations.text_segs=<that file>, or use "
+            "rerank=tbr (or none)",
+        )
     if not from_files:
         require_file(layout.images_npz("test"), "data.root", cfg.data.root, "fix data.root")
 
@@ -140,12 +183,17 @@ def evaluate_settings(cfg: DictConfig) -> EvaluateSettings:
             "ckpt_path is not set, and this preset evaluates a fine-tuned model: "
             "give ckpt_path=<run dir>/checkpoints/last.ckpt"
         )
-    pretrained = None
+    require(
+        checked.ckpt_data in CKPT_DATA, "ckpt_data", checked.ckpt_data, f"choose one of {list(CKPT_DATA)}"
+    )
+    pretrained = trained_on = None
     if not from_files:
         pretrained = (
             str(check_checkpoint(checked.ckpt_path)) if checked.ckpt_path else checked.model.pretrained
         )
         check_model(checked.model, pretrained)
+        if checked.ckpt_path:
+            trained_on = checkpoint_data(Path(pretrained), checked)
     uses_data = not (from_files and checked.annotations.images and checked.annotations.texts)
     layout = scenes = None
     if uses_data:  # no model, no data folder otherwise
@@ -153,9 +201,12 @@ def evaluate_settings(cfg: DictConfig) -> EvaluateSettings:
         resolve_model(cfg)
         checked = typed(EvaluateConfig, cfg, resolve=True)
         check_data_values(checked)
+        check_same_data(checked, trained_on)
         check_data_root(checked.data)
         layout, scenes = data_layout(checked.data), scene_config(checked.data)
     check_test_data(checked, None if scenes is not None else layout, from_files)
+    if layout is not None and scenes is None and not from_files:
+        check_npz_images(layout, checked.model, "test")
     check_entity_counts(checked, layout)
     require(
         checked.cache_max_gb > 0,

@@ -13,11 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from agree.config import data_layout, resolve_model, scene_config
 from agree.data.datasets import FALLBACK_MASKS
-from agree.data.json_lines import nonblank_lines
+from agree.data.json_lines import first_row, nonblank_lines
 from agree.data.layout import ReleaseLayout
+from agree.data.records import PREPARED_FIELDS, how_to_prepare, prepared_fields
 from agree.data.synthetic import SceneConfig
 from agree.errors import ConfigError
-from agree.model.registry import loss_files, loss_weights
+from agree.model.registry import LOSSES, loss_files, loss_weights
 from agree.schema import TrainConfig, TrainerConfig
 from agree.settings.common import (
     ModelSettings,
@@ -27,6 +28,7 @@ from agree.settings.common import (
     check_data_root,
     check_data_values,
     check_model,
+    check_npz_images,
     check_seed,
     model_settings,
     require,
@@ -118,6 +120,22 @@ def check_training_data(layout: ReleaseLayout, weights: dict[str, float]) -> Non
                 weight,
                 f"set losses.{name}=0, or set {folder} to the folder holding {path.name}",
             )
+    check_prepared_fields(layout.train_records, weights)
+
+
+def check_prepared_fields(path: Path, weights: dict[str, float]) -> None:
+    """The training lines hold the prepared fields (``segs``, ``preds``) the enabled losses read.
+
+    Only the first line is read here (data preparation adds a field to every line at once); the
+    dataset checks every line when it reads them.
+    """
+    where, first = first_row(path)
+    for field in PREPARED_FIELDS:
+        users = [n for n, w in weights.items() if w > 0 and field in prepared_fields(LOSSES[n].inputs)]
+        if users and field not in first:
+            given = ", ".join(f"losses.{n}={weights[n]}" for n in users)
+            off = " ".join(f"losses.{n}=0" for n in users)
+            raise ConfigError(f"{given}: {where} has no {how_to_prepare(field, path)} first, or set {off}")
 
 
 def check_train_values(cfg: DictConfig) -> None:
@@ -247,6 +265,7 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
     scenes = scene_config(checked.data)
     if layout is not None:
         check_training_data(layout, weights)
+        check_npz_images(layout, checked.model, "train")
         captions = sum(1 for _ in nonblank_lines(layout.train_records))
         check_batches(checked, captions, str(layout.train_records), trainer)
     else:
