@@ -54,14 +54,19 @@ def steps(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split() if line != PAUSED]
 
 
+def wait_for_pause(process: subprocess.Popen, path: Path) -> None:
+    """Return once ``process`` has marked ``paused`` in ``path``; fail if it ends first."""
+    deadline = time.monotonic() + LIMIT
+    while not (path.exists() and PAUSED in path.read_text().split()):
+        assert process.poll() is None, f"the run ended (exit {process.returncode}) before its pause"
+        assert time.monotonic() < deadline, f"no pause marked in {LIMIT} s"
+        time.sleep(0.05)
+
+
 def kill_when_paused(process: subprocess.Popen, path: Path) -> None:
     """SIGKILL ``process`` once it has marked ``paused`` in ``path``; fail if it ends first."""
-    deadline = time.monotonic() + LIMIT
     try:
-        while not (path.exists() and PAUSED in path.read_text().split()):
-            assert process.poll() is None, f"the run ended (exit {process.returncode}) before its pause"
-            assert time.monotonic() < deadline, f"no pause marked in {LIMIT} s"
-            time.sleep(0.05)
+        wait_for_pause(process, path)
         os.kill(process.pid, signal.SIGKILL)
         assert process.wait(timeout=LIMIT) == -signal.SIGKILL
     finally:
