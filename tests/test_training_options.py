@@ -1,6 +1,5 @@
 """Training speed options change speed and memory, not the losses: checkpointing, compile, fused AdamW."""
 
-
 import pytest
 import torch
 
