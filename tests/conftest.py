@@ -11,6 +11,20 @@ import pytest  # noqa: E402
 from agree.data.synthetic import SceneConfig, generate  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data(path: Path) -> Path:
+    """``path`` under ``SHARED_DATA`` (real third-party samples, read in place), for the tests that
+    need it: when it is absent the test is skipped saying so, or fails under ``CI=true``, where the
+    folder is always beside the checkout."""
+    if not path.exists():
+        message = f"{path} is not here (the real samples of ../shared/data)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; CI runs with ../shared/data beside the checkout", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
 SMALL_SCENES = SceneConfig(seed=3, train_images=60, val_images=12, test_images=20, vg_images_per_word=2)
 
 

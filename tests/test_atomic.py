@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from agree import atomic
-from agree.train import AtomicCheckpointIO
+from agree.train import AtomicCheckpointIO, train
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
@@ -158,3 +158,27 @@ def test_lightning_checkpoints_go_through_a_temporary_file(tmp_path, monkeypatch
         checkpoint_io.save_checkpoint({"step": torch.tensor(2)}, target)
     assert checkpoint_io.load_checkpoint(target, weights_only=True)["step"] == 1
     assert temps(target) == []
+
+
+def test_training_writes_every_checkpoint_by_a_rename_beside_it(tmp_path, monkeypatch):
+    """agree.train's Trainer saves last.ckpt and best.ckpt through AtomicCheckpointIO: each is renamed
+    into place from a temporary file in its own folder (Lightning's default moves one from /tmp)."""
+    from .test_run_safety import tiny_train
+
+    renames = []
+
+    def recording(src, dst, *args, **kwargs):
+        renames.append((Path(src), Path(dst)))
+        return real(src, dst, *args, **kwargs)
+
+    real = os.replace
+    monkeypatch.setattr(os, "replace", recording)
+    out = tmp_path / "run"
+    train(tiny_train(out, tmp_path / "scenes"))
+    folder = out / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]
+    for path in folder.iterdir():
+        assert any(
+            dst == path and src.parent == folder and src.name.startswith(f".{path.name}.")
+            for src, dst in renames
+        ), path.name

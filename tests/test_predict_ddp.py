@@ -4,13 +4,13 @@ feature store equal to the single-process one, and the same results."""
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 from hydra import compose, initialize_config_module
+from torch.distributed import TCPStore
 
 from agree.data.feature_files import load_features
 from agree.evaluate import evaluate
@@ -22,16 +22,18 @@ STORE = ("images", "texts", "entity_prompts", "entity_masks", "entity_valid")
 WORKER = """
 import sys
 from hydra import compose, initialize_config_module
+from torch.distributed import TCPStore
 from agree.evaluate import evaluate
 with initialize_config_module("agree.conf", version_base="1.3"):
     evaluate(compose("evaluate", sys.argv[1:]))
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous() -> TCPStore:
+    """The store both processes join, served by the test on a port the system picks, as torchrun's
+    agent serves it (``TORCHELASTIC_USE_AGENT_STORE``): the port is held from the moment it is chosen,
+    where a free port looked up and closed could be taken by another program before a process binds it."""
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def overrides(scenes, out: Path, devices: int) -> list[str]:
@@ -52,11 +54,13 @@ def overrides(scenes, out: Path, devices: int) -> list[str]:
 
 
 def test_two_processes_write_the_single_process_feature_store(scenes, tmp_path: Path) -> None:
+    store = rendezvous()
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
+        "MASTER_PORT": str(store.port),
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
         "WORLD_SIZE": "2",
         "NODE_RANK": "0",
         "OMP_NUM_THREADS": "1",
@@ -74,6 +78,7 @@ def test_two_processes_write_the_single_process_feature_store(scenes, tmp_path: 
     for p in processes:
         output, _ = p.communicate(timeout=600)
         assert p.returncode == 0, output[-3000:]
+    assert store.num_keys() > 0  # the processes met at the held port
     with initialize_config_module("agree.conf", version_base="1.3"):
         single = evaluate(compose("evaluate", overrides(scenes, tmp_path / "single", 1)))
     assert json.loads((tmp_path / "ddp" / "results.json").read_text()) == single

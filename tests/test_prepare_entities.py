@@ -11,7 +11,7 @@ from agree.data.records import read_text_segs, read_train_records
 from agree.errors import ConfigError, DataFormatError
 from agree.prepare.__main__ import main
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, shared_data
 
 pytest.importorskip("spacy", reason="the prepare extra is not installed: pip install -e '.[prepare]'")
 entities = pytest.importorskip("agree.prepare.entities")
@@ -30,9 +30,7 @@ def test_spec_example():
 
 
 def test_real_captions_give_spans_of_their_caption():
-    if not MULTI30K_TEST.is_file():
-        pytest.skip(f"{MULTI30K_TEST} not available")
-    with open(MULTI30K_TEST, encoding="utf-8") as f:
+    with open(shared_data(MULTI30K_TEST), encoding="utf-8") as f:
         captions = [row["caption"] for row in csv.DictReader(f, delimiter="\t")][:400]
     segs = entities.caption_entities(captions)
     assert sum(map(len, segs)) / len(captions) > 3

@@ -24,17 +24,12 @@ from agree.prepare.__main__ import main, parse
 from agree.prepare.images import Preprocess
 from agree.prepare.shards import ShardResult, Shards
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, shared_data
 
 ENTITIES_8 = SHARED_DATA / "flickr30k_entities_8_images"
 VG_SAMPLES = SHARED_DATA / "visual_genome_samples"
 TINY = ["model=agree-tiny", "pretrained=null"]  # 64 px, no weights
 BLACK = (0 - CLIP_MEAN) / CLIP_STD
-
-
-def needs(path):
-    if not path.exists():
-        pytest.skip(f"{path} not available")
 
 
 def entities_captions(sentences_file) -> list[str]:
@@ -45,7 +40,7 @@ def entities_captions(sentences_file) -> list[str]:
 
 def flickr_raw(folder, splits=("train",) * 4 + ("val",) * 2 + ("test",) * 2) -> tuple:
     """A Karpathy-split JSON over the 8 real Flickr30k JPEGs: (json path, image folder)."""
-    needs(ENTITIES_8)
+    shared_data(ENTITIES_8)
     images = folder / "flickr30k-images"
     images.mkdir(parents=True)
     entries = []
@@ -63,7 +58,7 @@ def flickr_raw(folder, splits=("train",) * 4 + ("val",) * 2 + ("test",) * 2) -> 
 
 def vg_raw(folder, image_ids) -> tuple:
     """VG objects.json (the real sample, cut to ``image_ids``) and JPEGs of the real sizes."""
-    needs(VG_SAMPLES)
+    shared_data(VG_SAMPLES)
     objects = [
         o
         for o in json.loads((VG_SAMPLES / "objects.json_samples.json").read_text())
@@ -135,7 +130,7 @@ def test_karpathy_writes_every_reference_file(flickr):
 
 
 def test_coco_restval_joins_train_by_flag_and_test_keys_are_stems(tmp_path):
-    needs(ENTITIES_8)
+    shared_data(ENTITIES_8)
     jpgs = sorted((ENTITIES_8 / "images").glob("*.jpg"))[:4]
     entries = []
     for (split, folder), jpg in zip(

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.retrieval import RetrievalHitRate
 
+from agree.retrieval.metrics import recall_at_k
 from agree.retrieval.recall_metric import RetrievalRecallMetric
 
 
@@ -44,3 +45,33 @@ def test_results_stay_on_the_gpu():
     ids = torch.arange(4, device="cuda")
     metric.update(feats, ids, feats, ids, ids)
     assert all(v.device.type == "cuda" for v in metric.compute().values())
+
+
+def test_recall_at_1_5_10_and_their_mean_differ_on_ranked_lists():
+    """Four queries whose first positive sits at rank 1, 3, 8 and nowhere: R@1, R@5, R@10 and
+    the mean are four different numbers (mean_recall is the mean of the three, not one of them)."""
+    ranked = torch.arange(10).repeat(4, 1)
+    positives = torch.tensor([[0, -1], [2, 9], [7, -1], [-1, -1]])
+    assert recall_at_k(ranked, positives) == {"r1": 25.0, "r5": 50.0, "r10": 75.0, "mean_recall": 50.0}
+
+
+def test_the_metric_reports_the_mean_of_its_three_recalls():
+    """Caption q ranks its image q-th (0-based) of 12: text->image R@1, R@5, R@10 are 1, 5 and 10
+    of 12 queries; each direction's mean_recall is the mean of its three recalls."""
+    n = 12
+    images = torch.eye(n)
+    texts = torch.zeros(n, n)
+    for q in range(n):
+        others = [i for i in range(n) if i != q]
+        order = others[:q] + [q] + others[q:]
+        texts[q, order] = 1 - 0.05 * torch.arange(n, dtype=torch.float32)
+    metric = RetrievalRecallMetric()
+    ids = torch.arange(n)
+    metric.update(images, ids, F.normalize(texts, dim=-1), ids, ids)
+    results = {k: float(v) for k, v in metric.compute().items()}
+    assert [results[f"t2i_r{k}"] for k in (1, 5, 10)] == pytest.approx([100 / 12, 500 / 12, 1000 / 12])
+    for short in ("t2i", "i2t"):
+        recalls = [results[f"{short}_r{k}"] for k in (1, 5, 10)]
+        assert results[f"{short}_mean_recall"] == pytest.approx(sum(recalls) / 3)
+    six = [results[f"{s}_r{k}"] for s in ("t2i", "i2t") for k in (1, 5, 10)]
+    assert results["rsum"] == pytest.approx(sum(six))

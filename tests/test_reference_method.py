@@ -235,6 +235,44 @@ def test_row10_margin_losses_gradient(method, tiny_batch):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_vg_losses_against_the_release(method, tiny_batch):
+    """train_all.py's ``da_total_loss`` (vg_contrast: Visual Genome images against their entity
+    prompts, InfoNCE) and ``da_mask_loss`` (vg_mask: s(vg, prompt) must beat s(vg_masked, prompt))."""
+    model, batch = tiny_batch
+    cfg = train_config(method)
+    tokenizer = get_tokenizer("agree-tiny")
+    torch.manual_seed(2)
+    words = ("a dog", "a tree", "a car", "a hat")  # other texts than the batch's captions
+    vg_batch = {
+        **batch,
+        "vg_images": torch.randn(4, 3, 64, 64),
+        "vg_masked_images": torch.randn(4, 3, 64, 64),
+        "vg_prompts": tokenizer([f"a photo containing {w}" for w in words]),
+        "vg_keys": torch.arange(4),
+    }
+    options = cfg.loss_options
+    weights = {"vg_contrast": 1.0, "vg_mask": 1.0}
+    got = agree_losses(
+        model, vg_batch, weights, options.margin, options.skip_duplicate_negatives, options.margin_gradient
+    )
+    scale = model.logit_scale.exp()
+    with torch.no_grad():
+        vg, masked = (
+            encode_image(model, vg_batch["vg_images"]),
+            encode_image(model, vg_batch["vg_masked_images"]),
+        )
+        prompts = encode_text(model, vg_batch["vg_prompts"])
+    assert got["vg_contrast"].item() == pytest.approx(release_clip_loss(vg, prompts, scale).item(), rel=1e-5)
+    positive, negative = (scale * vg @ prompts.t()).diagonal(), (scale * masked @ prompts.t()).diagonal()
+    release, swapped = (
+        release_margin_loss(positive, negative, scale),
+        release_margin_loss(negative, positive, scale),
+    )
+    assert release.item() > 0 and release.item() != pytest.approx(swapped.item(), rel=1e-3)
+    assert got["vg_mask"].item() == pytest.approx(release.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_empty_entity_slots_in_training_losses(method, tiny_batch):
     model, _ = tiny_batch
     cfg = train_config(method)

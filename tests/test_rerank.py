@@ -252,6 +252,19 @@ def test_egr_reorders_by_entities() -> None:
     assert egr_text_to_image(text, images, prompt, prompt, valid, 2).tolist() == [[0, 1]]
 
 
+def test_egr_image_to_text_score_ties_fall_back_to_the_base_score() -> None:
+    """Captions 0 and 1 tie on the final score; caption 1 has the higher base (its prompt), caption 0
+    the higher raw score. The release sorts by raw, base, then score, so caption 1 comes first."""
+    image = torch.tensor([[1.0, 1.0, 0.0]])
+    captions = torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.0, 0.0]])  # raw 2 and 1
+    prompts = torch.tensor([[[0.0, 0.0, 0.0]], [[0.0, 4.0, 0.0]]])  # base 1.5 and 1.75
+    masks = torch.tensor([[[0.0, 0.0, 0.0]], [[1.25, 0.0, 0.0]]])  # penalty 0 and -0.25: score 0.75
+    valid = torch.ones(2, 1, dtype=torch.bool)
+    args = (image, captions, prompts, masks, valid, 2, 2)
+    assert loop_egr_i2t(*args, **EXACT_I2T) == [[1, 0]]
+    assert egr_image_to_text(*args, **EXACT_I2T).tolist() == [[1, 0]]
+
+
 def test_empty_inputs() -> None:
     feats, ents, valid = torch.randn(4, 5), torch.randn(4, 3, 5), torch.ones(4, 3, dtype=torch.bool)
     none, no_ents, no_valid = feats[:0], ents[:0], valid[:0]

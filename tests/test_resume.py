@@ -1,10 +1,8 @@
 """Kill a training run with SIGKILL mid-epoch, resume it with ``ckpt_path=last``: same final weights."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,8 @@ from hydra import compose, initialize_config_module
 
 from agree.config import ensure_data
 from agree.data.datamodule import EpochSampler, ResumableLoader
+
+from .step_marks import LIMIT, kill_when_paused, marks, steps
 
 STEPS_PER_EPOCH = 5  # 20 images x 2 captions, batches of 8
 RUN = [
@@ -28,9 +28,17 @@ RUN = [
     "trainer.enable_progress_bar=false",
     "checkpoint.every_n_train_steps=3",  # 3, 6, 9, and the final step 10 (FinalCheckpoint)
 ]
+FIRST_CHECKPOINT = 3
+REPO = Path(__file__).resolve().parents[1]
 # one thread each: two runs share the 2 cores without oversubscription, and every run reduces in
-# the same order
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+# the same order; the runs import the callback of tests/step_marks.py
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONWARNINGS": "ignore",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+}
 
 
 def command(tmp_path: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -53,7 +61,7 @@ def start(tmp_path: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen, tmp_path: Path, run_dir: Path) -> None:
-    code = process.wait(timeout=120)
+    code = process.wait(timeout=LIMIT)
     assert code == 0, (tmp_path / f"{run_dir.name}.log").read_text()[-3000:]
 
 
@@ -64,21 +72,6 @@ def generate_data(tmp_path: Path) -> None:
     ensure_data(cfg.data)
 
 
-def kill_after_first_checkpoint(process: subprocess.Popen, run_dir: Path) -> None:
-    """SIGKILL a run as soon as its first (mid-epoch) checkpoint is in place."""
-    last = run_dir / "checkpoints" / "last.ckpt"
-    try:
-        deadline = time.monotonic() + 90
-        while not last.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert process.poll() is None, "the run ended before its first checkpoint could be killed"
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-
-
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -87,16 +80,19 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path)
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     generate_data(tmp_path)
     uninterrupted = start(tmp_path, reference)
-    kill_after_first_checkpoint(start(tmp_path, crashed), crashed)
+    killed, resumed_steps = tmp_path / "killed.steps", tmp_path / "resumed.steps"
+    kill_when_paused(start(tmp_path, crashed, *marks(killed, pause_at=FIRST_CHECKPOINT)), killed)
 
     at_kill = load(crashed / "checkpoints" / "last.ckpt")
-    step = at_kill["global_step"]
-    assert 0 < step < 2 * STEPS_PER_EPOCH and step % STEPS_PER_EPOCH, f"not mid-epoch: step {step}"
+    assert at_kill["global_step"] == FIRST_CHECKPOINT < STEPS_PER_EPOCH  # mid-epoch
+    assert steps(killed) == list(range(FIRST_CHECKPOINT + 1))
     assert not (crashed / "metrics.json").exists()
 
-    resuming = start(tmp_path, crashed, "ckpt_path=last")
+    resuming = start(tmp_path, crashed, "ckpt_path=last", *marks(resumed_steps))
     finish(uninterrupted, tmp_path, reference)
     finish(resuming, tmp_path, crashed)
+    # the resumed process starts at its checkpoint: it never runs the steps before it again
+    assert steps(resumed_steps) == list(range(FIRST_CHECKPOINT, 2 * STEPS_PER_EPOCH))
 
     expected = load(reference / "checkpoints" / "last.ckpt")
     resumed = load(crashed / "checkpoints" / "last.ckpt")

@@ -5,10 +5,8 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from io import StringIO as io_text
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from agree.evaluate import evaluate
 from agree.report import write_report
 from agree.train import train
 
+from .step_marks import LIMIT, kill_when_paused, marks, steps, wait_for_pause
 from .test_resume import ENV, RUN, STEPS_PER_EPOCH, command, finish, generate_data, start
 
 EPOCHS_ONLY = [o for o in RUN if not o.startswith(("checkpoint.", "trainer.max_epochs"))]
@@ -46,25 +45,6 @@ def step_of(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
 
 
-def kill_at_checkpoint(process: subprocess.Popen, last: Path, wanted) -> int:
-    """SIGKILL ``process`` right after it writes a ``last`` whose step satisfies ``wanted``; return it."""
-    seen, deadline = None, time.monotonic() + 120
-    try:
-        while process.poll() is None and time.monotonic() < deadline:
-            inode = last.stat().st_ino if last.exists() else None
-            if inode is not None and inode != seen:
-                seen, step = inode, step_of(last)
-                if wanted(step):
-                    process.send_signal(signal.SIGKILL)
-                    assert process.wait(timeout=30) == -signal.SIGKILL
-                    return step
-            time.sleep(0.005)
-        raise AssertionError("the run ended before the wanted checkpoint")
-    finally:
-        if process.poll() is None:
-            process.kill()
-
-
 def test_kill_in_the_last_epoch_resumes_from_the_previous_epoch_end(tmp_path):
     """Row 5: without step checkpoints, last.ckpt is written at every epoch end (and no last-v1)."""
     run_dir = tmp_path / "run"
@@ -82,17 +62,26 @@ def test_kill_in_the_last_epoch_resumes_from_the_previous_epoch_end(tmp_path):
             *extra,
         ]
 
+    killed, resumed_steps = tmp_path / "killed.steps", tmp_path / "resumed.steps"
     process = subprocess.Popen(
-        run(), cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        run(*marks(killed, pause_at=2 * STEPS_PER_EPOCH)),
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    step = kill_at_checkpoint(
-        process, run_dir / "checkpoints" / "last.ckpt", lambda s: s == 2 * STEPS_PER_EPOCH
-    )
-    assert step == 2 * STEPS_PER_EPOCH  # the end of epoch 2, killed in epoch 3
+    kill_when_paused(process, killed)  # at the first step of epoch 3
+    assert step_of(run_dir / "checkpoints" / "last.ckpt") == 2 * STEPS_PER_EPOCH  # the end of epoch 2
     resumed = subprocess.run(
-        run("ckpt_path=last"), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300
+        run("ckpt_path=last", *marks(resumed_steps)),
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]  # the killed run's lock did not outlive it
+    assert steps(resumed_steps) == list(range(2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH))
     assert step_of(run_dir / "checkpoints" / "last.ckpt") == 3 * STEPS_PER_EPOCH
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
@@ -156,9 +145,10 @@ def test_resume_after_a_kill_mid_epoch_keeps_the_csv_history(tmp_path):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     generate_data(tmp_path)
     uninterrupted = start(tmp_path, reference)
-    process = start(tmp_path, crashed)
-    step = kill_at_checkpoint(process, crashed / "checkpoints" / "last.ckpt", lambda s: s > STEPS_PER_EPOCH)
-    assert step % STEPS_PER_EPOCH, f"not mid-epoch: step {step}"
+    killed = tmp_path / "killed.steps"
+    mid_epoch_2 = 6  # a checkpoint every 3 steps, 5 steps an epoch
+    kill_when_paused(start(tmp_path, crashed, *marks(killed, pause_at=mid_epoch_2)), killed)
+    assert step_of(crashed / "checkpoints" / "last.ckpt") == mid_epoch_2
     history = (crashed / "csv" / "metrics.csv").read_text()
     assert "val/rsum" in history.splitlines()[0]  # epoch 1's validation is on disk at the kill
     resuming = start(tmp_path, crashed, "ckpt_path=last")
@@ -174,26 +164,23 @@ def test_a_second_process_into_a_run_folder_in_use_stops_at_once(tmp_path):
     """Row 9: the second run stops with one line naming the first; the folder stays the first run's."""
     run_dir = tmp_path / "run"
     generate_data(tmp_path)
-    first = start(tmp_path, run_dir, "trainer.max_epochs=100")  # still running when the second starts
+    first_steps = tmp_path / "first.steps"
+    first = start(tmp_path, run_dir, *marks(first_steps, pause_at=0))  # stopped at its first step
     try:
-        lock = run_dir / ".lock"
-        deadline = time.monotonic() + 120
-        written = run_dir / ".hydra" / "config.yaml"
-        while not (lock.exists() and lock.read_text() and written.exists()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        config = written.read_bytes()
+        wait_for_pause(first, first_steps)  # its lock and config are written before it trains
+        config = (run_dir / ".hydra" / "config.yaml").read_bytes()
         second = subprocess.run(
             command(tmp_path, run_dir, "seed=7"),
             cwd=tmp_path,
             env=ENV,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=LIMIT,
         )
         assert first.poll() is None, "the first run ended before the second was refused"
     finally:
         first.kill()
-        first.wait(timeout=30)
+        first.wait(timeout=LIMIT)
     assert second.returncode == 1
     assert second.stderr.strip() == (
         f"error: {run_dir} is in use by pid {first.pid} on {os.uname().nodename}; "

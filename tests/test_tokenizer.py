@@ -4,21 +4,20 @@ validation caption, every fifth training one) and texts that take ftfy's and htm
 import gzip
 import random
 import string
-from pathlib import Path
 
 import open_clip
-import pytest
 import torch
 
 from agree.model.tokenizer import WordMemoTokenizer, get_tokenizer
 
-CAPTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr30k_captions_multi30k"
+from .conftest import SHARED_DATA, shared_data
+
+CAPTIONS = SHARED_DATA / "flickr30k_captions_multi30k"
 
 
 def flickr30k_captions() -> list[str]:
-    files = sorted(CAPTIONS.glob("*.en.gz"))
-    if not files:
-        pytest.skip(f"{CAPTIONS}: the shared Flickr30k captions are not here")
+    files = sorted(shared_data(CAPTIONS).glob("*.en.gz"))
+    assert files, f"{CAPTIONS} holds no *.en.gz captions"
     captions = []
     for f in files:
         lines = gzip.open(f, "rt", encoding="utf-8").read().splitlines()

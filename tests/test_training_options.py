@@ -1,7 +1,5 @@
 """Training speed options change speed and memory, not the losses: checkpointing, compile, fused AdamW."""
 
-import os
-
 import pytest
 import torch
 
@@ -67,10 +65,7 @@ def test_fused_adamw_takes_the_same_steps(batch) -> None:
         close(trained[1][name], param, name, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("AGREE_TEST_COMPILE"),
-    reason="compiling the tiny model takes minutes on 2 CPU cores (153 s measured); AGREE_TEST_COMPILE=1",
-)
+@pytest.mark.slow  # compiling the tiny model takes minutes on 2 CPU cores (153 s measured)
 def test_compiled_towers_give_the_same_losses(batch) -> None:
     plain = losses_and_grads(module(), batch)[0]
     compiled = losses_and_grads(module(compile=True), batch)[0]
