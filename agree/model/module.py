@@ -31,16 +31,26 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, exempt_1d: boo
 
 
 def speed_options(model: torch.nn.Module, grad_checkpointing: bool, compile: bool) -> None:
-    """Activation checkpointing (open_clip's own) and ``torch.compile`` of both towers, in place.
-
-    ``nn.Module.compile`` keeps the state-dict keys (``torch.compile(module)`` would prefix them),
-    so checkpoints stay loadable by an uncompiled model.
-    """
+    """Activation checkpointing (open_clip's own) and ``torch.compile`` of both towers, in place."""
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     if compile:
-        model.visual.compile()
-        model.transformer.compile()
+        compile_towers(model)
+
+
+def compile_towers(model: torch.nn.Module, **options) -> None:
+    """``torch.compile`` (``options``: its arguments) of the image tower and the text transformer,
+    each with dynamic shapes from the start.
+
+    The text transformer gets another batch size and length with every length group
+    (``clip.encode_text``), the image tower another batch size in validation and in a last batch:
+    compiled for one shape, each would be compiled again as they come. Per tower, one graph per
+    grad mode (training, validation), and one more for a batch of one image (torch specialises
+    size 1). ``nn.Module.compile`` keeps the state-dict keys (``torch.compile(module)`` would prefix
+    them), so checkpoints stay loadable by an uncompiled model.
+    """
+    model.visual.compile(dynamic=True, **options)
+    model.transformer.compile(dynamic=True, **options)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
