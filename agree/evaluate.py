@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from agree.atomic import replace_as_set, staging_dir
 from agree.cli import freeze_imports, user_errors
-from agree.config import ensure_data
+from agree.config import ensure_data, torch_flags
 from agree.data.evaluation_files import OUTPUTS, RESULTS, EvaluationFiles, report_inputs, write_evaluation
 from agree.data.layout import resolve_path
 from agree.data.records import TestImage, TestText, read_test_images, read_test_texts, read_text_segs
@@ -77,8 +77,11 @@ def load_test_set(cfg: DictConfig, settings: EvaluateSettings | None = None) -> 
     return TestSet(texts, images, positives, *features, report_inputs=inputs)
 
 
+@torch_flags()
 def evaluate(cfg: DictConfig) -> dict:
-    """Extract (or read) features, rank and re-rank both directions, score, write every output."""
+    """Extract (or read) features, rank and re-rank both directions, score, write every output.
+
+    Global torch flags are restored when it returns, as after a training (``config.torch_flags``)."""
     settings = check_config(cfg)
     target = settings.output_dir
     check_entries(target, "evaluate", OUTPUTS)  # before any work: never replace a user's features/ ...

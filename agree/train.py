@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from agree.atomic import write_json, write_torch
 from agree.callbacks import configured_callbacks
 from agree.cli import freeze_imports, user_errors
-from agree.config import allow_tf32
+from agree.config import allow_tf32, torch_flags
 from agree.data.datamodule import AgreeDataModule
 from agree.errors import ConfigError
 from agree.loggers import build_logger, history_rows
@@ -117,8 +117,11 @@ def finished_run(out: Path, state: dict) -> dict[str, float]:
     return state["metrics"]
 
 
+@torch_flags()
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
-    """Train as ``cfg`` says; return the final validation metrics and the objects used."""
+    """Train as ``cfg`` says; return the final validation metrics and the objects used.
+
+    Global torch flags it sets (``tf32``, Lightning's determinism) are restored when it returns."""
     settings = train_settings(cfg)  # every check, before anything is built or written
     c = settings.cfg
     allow_tf32(c.tf32)
