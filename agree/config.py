@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -130,11 +132,55 @@ def loss_weights_preset(name: str) -> dict[str, float]:
     return {key: float(value) for key, value in OmegaConf.load(path).items()}
 
 
+def _precision_flags() -> list[tuple[object, str]]:
+    """(namespace, attribute) of torch's float32 precision flags besides
+    ``torch.get_float32_matmul_precision()``, a namespace before those under it (setting one sets
+    those under it). torch >= 2.9 has ``fp32_precision`` per backend (reading its legacy
+    ``allow_tf32`` flags then fails); before, the matmul flag follows the matmul precision."""
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision"):
+        spaces = (b, b.cuda.matmul, b.cudnn, b.cudnn.conv, b.cudnn.rnn)
+        spaces += (b.mkldnn, b.mkldnn.matmul, b.mkldnn.conv, b.mkldnn.rnn)
+        return [(space, "fp32_precision") for space in spaces]
+    return [(b.cudnn, "allow_tf32")]
+
+
+@contextmanager
+def torch_flags() -> Iterator[None]:
+    """Every global torch flag a run may change, restored when the block (or the function it
+    decorates) ends: float32 precision (TF32), cuDNN benchmark and determinism, deterministic
+    algorithms (Lightning's ``deterministic`` and ``benchmark``). So an evaluation after a training
+    in one process (demo, study) computes what it computes in a process of its own.
+    """
+    matmul = torch.get_float32_matmul_precision()
+    flags = [
+        *_precision_flags(),
+        (torch.backends.cudnn, "benchmark"),
+        (torch.backends.cudnn, "deterministic"),
+    ]
+    saved = [getattr(space, name) for space, name in flags]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")  # Lightning sets it for determinism
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)  # first: it also sets some of the flags
+        for (space, name), value in zip(flags, saved, strict=True):
+            setattr(space, name, value)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
+
+
 def allow_tf32(enabled: bool) -> None:
-    """TF32 matrix products and convolutions on CUDA (float32 range, 10-bit mantissa); no-op on CPU."""
-    if enabled and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    """TF32 (float32 range, 10-bit mantissa) on or off for float32 matrix products on CUDA (cuDNN's
+    convolutions keep torch's default, TF32); no-op on CPU. A global setting: call it inside
+    ``torch_flags``."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
 
 
 def merge_overrides(defaults: list[str], overrides: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from agree.atomic import replace_as_set, staging_dir
 from agree.cli import freeze_imports, user_errors
-from agree.config import ensure_data
+from agree.config import ensure_data, torch_flags
 from agree.console import quiet_libraries
 from agree.data.evaluation_files import OUTPUTS, RESULTS, EvaluationFiles, report_inputs, write_evaluation
 from agree.data.feature_cache import FeatureCache
@@ -94,11 +94,14 @@ def load_test_set(
     return TestSet(texts, images, positives, *features, report_inputs=inputs)
 
 
+@torch_flags()
 def evaluate(cfg: DictConfig, run: HydraRun | None = None) -> dict:
     """Extract (or read) features, rank and re-rank both directions, score, write every output.
 
     ``run``: the ``@hydra.main`` run, whose folder is checked, locked and claimed too; its record
     (``.hydra/``) is written with the outputs, as part of their set when it is the same folder.
+
+    Global torch flags it sets are restored when it returns (``config.torch_flags``).
     """
     settings = check_config(cfg)
     target = settings.output_dir

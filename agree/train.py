@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from agree.atomic import write_json, write_torch
 from agree.callbacks import configured_callbacks
 from agree.cli import freeze_imports, user_errors
-from agree.config import allow_tf32, data_source
+from agree.config import allow_tf32, data_source, torch_flags
 from agree.console import quiet_libraries
 from agree.data.datamodule import AgreeDataModule
 from agree.errors import ConfigError
@@ -136,11 +136,14 @@ def finished_run(out: Path, state: dict) -> dict[str, float]:
     return state["metrics"]
 
 
+@torch_flags()
 def train(cfg: DictConfig, run: HydraRun | None = None) -> tuple[dict[str, float], dict]:
     """Train as ``cfg`` says; return the final validation metrics and the objects used.
 
     ``run``: the ``@hydra.main`` run, whose folder is checked, locked and claimed too, and whose
     record (``.hydra/``) is written once every check has passed (``agree.runfolder``).
+
+    Global torch flags it sets are restored when it returns (``config.torch_flags``).
     """
     settings = train_settings(cfg)  # every check, before anything is built or written
     out = settings.output_dir

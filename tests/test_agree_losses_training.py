@@ -1,10 +1,12 @@
 """The AGREE objective wired through the dataset and model: subsets, gradients, fallbacks, DDP."""
 
 import os
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from agree.config import loss_weights_preset
 from agree.data.datamodule import AgreeDataModule
@@ -74,7 +76,7 @@ def test_disabled_losses_load_and_batch_nothing(full_data, tokenizer):
     batch = collate(
         tokenizer, [{k: it[k] for k in ("image", "caption", "image_key")} for it in items], ["clip"]
     )
-    assert set(batch) == {"images", "captions", "image_keys", "caption_keys"}
+    assert set(batch) == {"images", "captions", "image_keys", "caption_keys", "text_lengths"}
 
 
 def test_weight_zero_skips_entity_files(scenes, tokenizer, tmp_path):
@@ -147,6 +149,48 @@ def test_fallbacks_and_padding(scenes, tokenizer):
     assert out["prompt"] == 0 and out["text_mask"] == 0
 
 
+class HostReads(TorchDispatchMode):
+    """Counts the ops that make the host wait for a CUDA device: a value read on the host
+    (``item``, ``bool``, ``int``: ``_local_scalar_dense``), an output whose shape depends on values
+    (``nonzero``, ``masked_select``, indexing by a boolean mask) and ``masked_scatter``'s backward
+    (a ``masked_select`` inside)."""
+
+    OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        by_mask = name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1])
+        self.count += name in self.OPS or name == "masked_scatter_backward" or by_mask
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(full_data, tokenizer):
+    """Text lengths come from the collate (host), padding is masked rather than indexed out: neither
+    the forward nor the backward of an AGREE step reads a value back, whatever the number of entity
+    slots and of text length groups (``encode_text`` groups 64 texts)."""
+    _, items = full_data
+    words = ["a red circle", "a blue square", "a green cross", "left", "the shape"]
+    seen = set()
+    for n, slots in ((2, 1), (8, 3), (8, 5)):
+        batch = CollateTrain(tokenizer, inputs_for(WEIGHTS), slots)(
+            [{**it, "entities": words[:slots]} for it in (items * 2)[:n]]
+        )
+        texts = sum(len(batch[k]) for k in ("captions", "prompts", "masked_captions", "vg_prompts"))
+        seen.add((slots, -(-texts // 64)))
+        for weights in (WEIGHTS, {"clip": 1.0}):
+            model = fresh_model()
+            with HostReads() as forward:
+                out = agree_losses(model, batch, weights)
+            with HostReads() as backward:
+                sum(weights[k] * v for k, v in out.items()).backward()
+            assert (forward.count, backward.count) == (0, 0), (n, slots, list(weights))
+    assert len(seen) == 3 and {groups for _, groups in seen} == {1, 2}  # 1 to 5 slots, 1 or 2 groups
+
+
 def test_missing_grounding_key_is_named(scenes):
     images = NpzImages(scenes.images_npz("train"), 64)
     records = [TrainRecord("0", "999", "a red circle", (), (("a red circle", 0.9),))]
@@ -162,35 +206,60 @@ def test_missing_grounding_key_is_named(scenes):
 def _rank_worker(rank: int, world: int, folder: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
-    state = torch.load(f"{folder}/inputs.pt", weights_only=False)
-    model = fresh_model()
-    model.load_state_dict(state["model"])
-    out = agree_losses(model, state["batches"][rank], WEIGHTS)
-    total = sum(WEIGHTS[k] * v for k, v in out.items())
-    total.backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    dist.all_reduce(grads)  # what DDP does to gradients (then divides by the world size)
-    torch.save(
-        {"losses": {k: v.item() for k, v in out.items()}, "grads": grads / world}, f"{folder}/rank{rank}.pt"
+    # a collective entered by one rank only fails within the timeout instead of hanging the test
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{folder}/rendezvous",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
     )
+    state = torch.load(f"{folder}/inputs.pt", weights_only=False)
+    results = []
+    for weights in state["cases"]:
+        model = fresh_model()
+        model.load_state_dict(state["model"])
+        out = agree_losses(model, state["batches"][rank], weights)
+        total = sum(weights[k] * v for k, v in out.items())
+        total.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        dist.all_reduce(grads)  # what DDP does to gradients (then divides by the world size)
+        results.append({"losses": {k: v.item() for k, v in out.items()}, "grads": grads / world})
+    torch.save(results, f"{folder}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def assert_two_processes_equal_one(tokenizer, items, cases, folder) -> None:
+    """Each rank computes each case's losses on its half of ``items``; their mean and the averaged
+    gradients equal one process's on all of them."""
+    model = fresh_model(3)
+    full = CollateTrain(tokenizer, inputs_for(WEIGHTS), 5)(items)
+    halves = [CollateTrain(tokenizer, inputs_for(WEIGHTS), 5)(items[r * 4 : r * 4 + 4]) for r in (0, 1)]
+    torch.save({"model": model.state_dict(), "batches": halves, "cases": cases}, folder / "inputs.pt")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_rank_worker, args=(2, str(folder)), nprocs=2, join=True)
+    ranks = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for i, weights in enumerate(cases):
+        model.zero_grad()
+        single = agree_losses(model, full, weights)
+        sum(weights[k] * v for k, v in single.items()).backward()
+        for name, value in single.items():
+            mean = sum(r[i]["losses"][name] for r in ranks) / 2
+            assert mean == pytest.approx(value.item(), rel=1e-4, abs=1e-6), name
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        assert torch.allclose(ranks[0][i]["grads"], grads, rtol=1e-3, atol=1e-6), list(weights)
 
 
 def test_two_processes_equal_one(full_data, tokenizer, tmp_path):
     _, items = full_data
-    model = fresh_model(3)
-    full = CollateTrain(tokenizer, inputs_for(WEIGHTS), 5)(items)
-    halves = [CollateTrain(tokenizer, inputs_for(WEIGHTS), 5)(items[r * 4 : r * 4 + 4]) for r in (0, 1)]
-    torch.save({"model": model.state_dict(), "batches": halves}, tmp_path / "inputs.pt")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_rank_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert_two_processes_equal_one(tokenizer, items, [WEIGHTS], tmp_path)
 
-    single = agree_losses(model, full, WEIGHTS)
-    sum(WEIGHTS[k] * v for k, v in single.items()).backward()
-    for name, value in single.items():
-        mean = sum(r["losses"][name] for r in ranks) / 2
-        assert mean == pytest.approx(value.item(), rel=1e-4, abs=1e-6), name
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    assert torch.allclose(ranks[0]["grads"], grads, rtol=1e-3, atol=1e-6)
+
+def test_a_rank_without_entities_enters_every_collective(full_data, tokenizer, tmp_path):
+    """Rank 1's captions have no entity and its samples no VG object (the fallback: own image and
+    caption): each loss that gathers features, alone and with the others, still runs the same
+    collectives on both ranks (forward and backward) and gives the single-process values."""
+    _, items = full_data
+    bare = [{**it, "entities": [], "vg_image": it["image"], "vg_text": it["caption"]} for it in items[4:]]
+    cases = [{"clip": 1.0}, {"prompt": 1.0}, {"vg_contrast": 1.0}, WEIGHTS]
+    assert_two_processes_equal_one(tokenizer, items[:4] + bare, cases, tmp_path)

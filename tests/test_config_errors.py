@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
@@ -167,6 +168,13 @@ def test_evaluate_egr_without_entity_features(tmp_path):
 )
 def test_evaluate_bad_setting_is_named(tmp_path, override, fragments):
     fails(evaluate, evaluate_config(tmp_path, override), *fragments)
+
+
+def test_evaluate_more_processes_than_gpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = evaluate_config(tmp_path, "device=cuda", "devices=2")
+    fails(evaluate, cfg, "devices=2", "this machine has 1", "devices=1 or fewer", "device=cpu")
 
 
 def test_evaluate_egr_needs_the_entity_file_of_real_data(tmp_path, release):

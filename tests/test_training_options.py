@@ -5,7 +5,9 @@ import torch
 
 from agree.config import loss_weights_preset
 from agree.data.datamodule import AgreeDataModule
-from agree.model.module import AgreeModule
+from agree.data.datasets import CollateTrain, CollateVal
+from agree.model.clip import create_clip, encode_image, encode_text
+from agree.model.module import AgreeModule, agree_losses, compile_towers
 from agree.model.registry import inputs_for
 from agree.model.tokenizer import get_tokenizer
 
@@ -71,3 +73,39 @@ def test_compiled_towers_give_the_same_losses(batch) -> None:
     compiled = losses_and_grads(module(compile=True), batch)[0]
     for name in plain:
         close(compiled[name], plain[name], name, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_towers_compile_one_graph_per_grad_mode(scenes) -> None:
+    """Training steps of other batch sizes and text lengths, validation batches with a remainder
+    and a last length group of one text: each tower is compiled once for training and once per
+    validation mode (no_grad under gloo, inference_mode under NCCL), never again for a shape."""
+    from torch._dynamo.utils import counters
+
+    tokenizer = get_tokenizer("agree-tiny")
+    dm = AgreeDataModule(scenes, tokenizer, needs=inputs_for(WEIGHTS))
+    dm.setup()
+    torch.manual_seed(0)
+    words = ["a red circle", "a blue square", "a green cross", "left", "the shape"]
+    train = [{**dm.train_set[i], "entities": words[: 2 + i % 4]} for i in range(8)]
+    val = [dm.val_set[i] for i in range(len(dm.val_set))]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        model = create_clip("agree-tiny")
+        compile_towers(model, backend="eager")
+        graphs = []
+        for items in (train[:3], train):  # 24 texts in one length group, then 72 in two (64 + 8)
+            out = agree_losses(model, CollateTrain(tokenizer, inputs_for(WEIGHTS))(items), WEIGHTS)
+            sum(WEIGHTS[k] * v for k, v in out.items()).backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+        model.eval()
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                for items in (val, val[:3], val + val[:1]):  # 65 captions: 64 + 1 join in one group
+                    batch = CollateVal(tokenizer)(items)
+                    encode_image(model, batch["images"])
+                    encode_text(model, batch["captions"], batch["text_lengths"]["captions"])
+            graphs.append(counters["stats"]["unique_graphs"])
+    finally:
+        torch._dynamo.reset()
+    assert graphs == [2, 4, 6]

@@ -43,6 +43,14 @@ def slot_texts(
     return prompts, [mask_entity(caption, e, ignore_case) for e in kept] + empty
 
 
+def token_lengths(tokens: torch.Tensor) -> tuple[int, ...]:
+    """Each row's positions up to its last non-zero token, on the host: open_clip's tokenizers pad
+    with 0 after the end token (the one the text tower pools), so a tower cut there sees every
+    real token (``clip.encode_text``); a row of zeros keeps its whole length."""
+    real = tokens.numpy() != 0
+    return tuple((real.shape[1] - real[:, ::-1].argmax(1)).tolist())
+
+
 def text_key(text: str) -> int:
     """A stable id of a text (the same on every rank), to spot duplicate pairs in a batch."""
     return zlib.crc32(text.encode("utf-8"))
@@ -225,6 +233,14 @@ class ImageArrays(Dataset):
         return torch.from_numpy(self.images[self.keys[index]]).float()
 
 
+def tokenize_into(batch: dict, tokenizer: Tokenizer, key: str, texts: list[str]) -> None:
+    """``batch[key]``: the token ids of ``texts``; ``batch["text_lengths"][key]``: their
+    ``token_lengths``, plain ints that stay on the host when the batch moves to the device."""
+    tokens = tokenizer(texts) if texts else batch["captions"][:0]
+    batch[key] = tokens
+    batch.setdefault("text_lengths", {})[key] = token_lengths(tokens)
+
+
 class CollateTrain:
     """Stack images, tokenize texts, and lay entity slots out as [B, max_entities] with a mask.
 
@@ -247,10 +263,10 @@ class CollateTrain:
     def __call__(self, items: list[dict]) -> dict:
         batch = {
             "images": torch.stack([it["image"] for it in items]),
-            "captions": self.tokenizer([it["caption"] for it in items]),
             "image_keys": torch.tensor([it["image_key"] for it in items]),
             "caption_keys": torch.tensor([text_key(it["caption"]) for it in items]),
         }
+        tokenize_into(batch, self.tokenizer, "captions", [it["caption"] for it in items])
         if "entities" in items[0]:
             prompts, masked, entities, counts = [], [], [], []
             for it in items:
@@ -268,10 +284,10 @@ class CollateTrain:
             batch["entity_valid"], batch["entity_keys"] = valid, keys
             for name, texts in (("prompts", prompts), ("masked_captions", masked)):
                 if name in self.needs:
-                    batch[name] = self.tokenizer(texts) if texts else batch["captions"][:0]
+                    tokenize_into(batch, self.tokenizer, name, texts)
         if "vg_image" in items[0]:
             batch["vg_images"] = torch.stack([it["vg_image"] for it in items])
-            batch["vg_prompts"] = self.tokenizer([it["vg_text"] for it in items])
+            tokenize_into(batch, self.tokenizer, "vg_prompts", [it["vg_text"] for it in items])
             batch["vg_keys"] = torch.tensor([text_key(it["vg_text"]) for it in items])
         for name in ("vg_masked", "ground_masked"):
             if name in items[0]:
@@ -289,10 +305,11 @@ class CollateVal:
         captions = [c for it in items for c in it["captions"]]
         text_ids = [it["first_caption"] + j for it in items for j in range(len(it["captions"]))]
         text_image_ids = [it["image_id"] for it in items for _ in it["captions"]]
-        return {
+        batch = {
             "images": torch.stack([it["image"] for it in items]),
             "image_ids": torch.tensor([it["image_id"] for it in items]),
-            "captions": self.tokenizer(captions),
             "text_ids": torch.tensor(text_ids),
             "text_image_ids": torch.tensor(text_image_ids),
         }
+        tokenize_into(batch, self.tokenizer, "captions", captions)
+        return batch

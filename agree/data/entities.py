@@ -27,5 +27,12 @@ def slot_mask(counts: Sequence[int] | torch.Tensor, slots: int) -> torch.Tensor:
 
 def scatter_slots(features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[N, E, D] slots from the features [V, D] of the ``valid`` [N, E] slots in row-major order
-    (V = ``valid.sum()``); the other slots are zeros. Gradients flow to ``features``."""
-    return features.new_zeros(*valid.shape, features.shape[-1]).masked_scatter(valid[..., None], features)
+    (V = ``valid.sum()``); the other slots are zeros. Gradients flow to ``features``.
+
+    A gather by each slot's row number rather than ``masked_scatter``, whose backward (a
+    ``masked_select``) makes the host wait for a CUDA device to count the mask.
+    """
+    flat = valid.reshape(-1)
+    rows = flat.cumsum(0) * flat  # each real slot's row in ``features``, 1-based; 0: padding
+    padded = torch.cat([features.new_zeros(1, features.shape[-1]), features])
+    return padded.index_select(0, rows).view(*valid.shape, -1)

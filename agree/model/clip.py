@@ -8,6 +8,7 @@ name, and loading one under another name fails instead of silently changing the 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 import open_clip
@@ -167,21 +168,37 @@ def _encode_text_cut(model: torch.nn.Module, tokens: torch.Tensor, length: int) 
     return F.normalize(x, dim=-1)
 
 
-def encode_text(model: torch.nn.Module, tokens: torch.Tensor, bucket: int = 64) -> torch.Tensor:
+def encode_text(
+    model: torch.nn.Module, tokens: torch.Tensor, lengths: Sequence[int] | None = None, bucket: int = 64
+) -> torch.Tensor:
     """L2-normalised text features, each text encoded only up to (about) its real length.
 
     open_clip's ``CLIP.encode_text`` always runs all 77 positions; captions are ~15 tokens. We
     repeat its few lines with the positional embedding and causal mask cut, after sorting the
-    texts by length into groups of ``bucket`` so one long caption does not pad the others.
+    texts by length into groups of ``bucket`` so one long caption does not pad the others (a last
+    group of one text joins the one before: a compiled text tower never sees a batch of one).
+
+    ``lengths``: each text's positions up to its end token at least, known on the host (the
+    collate's ``token_lengths``); without them they are read from ``tokens``, one transfer to the
+    host per call. The groups are planned on the host, so no value is read back per group.
     """
     if not supports_short_text(model):
         return model.encode_text(tokens, normalize=True)
-    lengths = _eot_positions(model, tokens) + 1
+    lengths = (_eot_positions(model, tokens) + 1).tolist() if lengths is None else list(lengths)
     if len(tokens) <= bucket:
-        return _encode_text_cut(model, tokens, int(lengths.max()))
-    order = torch.argsort(lengths)
-    parts = [_encode_text_cut(model, tokens[idx], int(lengths[idx].max())) for idx in order.split(bucket)]
-    return torch.cat(parts)[torch.argsort(order)]
+        return _encode_text_cut(model, tokens, max(lengths, default=1))
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups = [order[i : i + bucket] for i in range(0, len(order), bucket)]
+    if len(groups[-1]) == 1:
+        last = groups.pop()
+        groups[-1] += last
+    index = torch.tensor(order).to(tokens.device, non_blocking=True)
+    chunks = tokens[index].split([len(group) for group in groups])
+    parts = [
+        _encode_text_cut(model, chunk, max(lengths[i] for i in group))
+        for chunk, group in zip(chunks, groups, strict=True)
+    ]
+    return torch.cat(parts)[torch.argsort(index)]
 
 
 def encode_image(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

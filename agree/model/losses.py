@@ -20,6 +20,43 @@ def _rank_share(n: int, big_n: int) -> float:
     return big_n / n
 
 
+def _info_nce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    logit_scale: torch.Tensor,
+    a_all: torch.Tensor,
+    b_all: torch.Tensor,
+    offset: int,
+    valid_all: torch.Tensor,
+    keys_all: torch.Tensor | None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE of S sets of pairs at once: [S] losses, each normalised as ``contrastive_loss``.
+
+    a, b: [S, n, D]; a_all, b_all: [S, N, D] (a leading 1 broadcasts); valid_all: [S, N] bool;
+    keys_all: [S, N, K] or None. Padding is masked, never indexed out: the graph, and so the
+    collectives of its backward, is the same on every rank whatever its data, and no value is read
+    on the host.
+    """
+    n, big_n = a.shape[-2], a_all.shape[-2]
+    rows = torch.arange(offset, offset + n, device=a.device)
+    cols = torch.arange(big_n, device=a.device)
+    valid = valid_all[:, rows]  # [S, n]
+    keep = valid_all[:, None, :].expand(-1, n, -1)
+    if keys_all is not None:
+        same = (keys_all[:, rows, None, :] == keys_all[:, None, :, :]).any(-1)
+        keep = keep & (~same | (rows[:, None] == cols[None, :]))
+    keep = keep | ~valid[..., None]  # a padding query's terms (weight 0) stay finite
+    blocked = torch.zeros(keep.shape, device=a.device).masked_fill(~keep, float("-inf"))
+    labels = rows.expand(valid.shape).reshape(-1)
+    total = 0.0
+    for x, y_all in ((a, b_all), (b, a_all)):
+        logits = logit_scale * x @ y_all.transpose(-1, -2) + blocked  # [S, n, N]
+        terms = F.cross_entropy(logits.flatten(0, 1), labels, reduction="none").view(valid.shape)
+        total = total + (terms * valid).sum(-1)
+    count = valid_all.sum(-1).clamp(min=1)  # none valid: 0, with a graph
+    return total / (2 * count) * _rank_share(n, big_n)
+
+
 def contrastive_loss(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -37,32 +74,18 @@ def contrastive_loss(
     that take part (padding is neither a query nor a candidate); keys_all: [N] or [N, K] int ids
     (e.g. image id, text hash): a candidate sharing any key with the query's own pair is another
     positive, so it is left out of the negatives (five captions of one image, one VG word drawn
-    twice). Returns the mean over valid queries of both directions, or 0 (with a graph) when
-    there are none.
+    twice). Returns the mean over valid queries of both directions, or 0 (with a graph through
+    every input) when there are none.
     """
     a_all = a if a_all is None else a_all
     b_all = b if b_all is None else b_all
-    n, big_n = a.shape[0], a_all.shape[0]
-    rows = torch.arange(offset, offset + n, device=a.device)
+    big_n = a_all.shape[0]
     if valid_all is None:
         valid_all = torch.ones(big_n, dtype=torch.bool, device=a.device)
-    keep = valid_all[None, :].expand(n, big_n)
-    if keys_all is not None:
-        keys_all = keys_all.reshape(big_n, -1)
-        same = (keys_all[rows][:, None, :] == keys_all[None, :, :]).any(-1)
-        keep = keep & (~same | (rows[:, None] == torch.arange(big_n, device=a.device)[None, :]))
-    blocked = torch.zeros(n, big_n, device=a.device).masked_fill(~keep, float("-inf"))
-    valid = valid_all[rows]
-    count = valid_all.sum()
-    if not valid.any():
-        return (a.sum() + b.sum()) * 0.0
-    logits_ab = (logit_scale * a @ b_all.T + blocked)[valid]
-    logits_ba = (logit_scale * b @ a_all.T + blocked)[valid]
-    labels = rows[valid]
-    total = F.cross_entropy(logits_ab, labels, reduction="sum") + F.cross_entropy(
-        logits_ba, labels, reduction="sum"
-    )
-    return total / (2 * count) * _rank_share(n, big_n)
+    keys = None if keys_all is None else keys_all.reshape(1, big_n, -1)
+    return _info_nce(a[None], b[None], logit_scale, a_all[None], b_all[None], offset, valid_all[None], keys)[
+        0
+    ]
 
 
 def slot_contrastive_loss(
@@ -78,27 +101,25 @@ def slot_contrastive_loss(
     """The prompt loss: image ↔ its j-th entity prompt, InfoNCE per slot, mean over used slots.
 
     slots: [n, E, D] local prompt features (padding rows arbitrary); valid_all: [N, E] bool;
-    keys_all: [N, E, K] int ids per slot (see ``contrastive_loss``).
+    keys_all: [N, E, K] int ids per slot (see ``contrastive_loss``). Every slot is computed in one
+    batched product, an unused one (no valid row on any rank) weighted 0.
     """
     image_all = image if image_all is None else image_all
     slots_all = slots if slots_all is None else slots_all
-    used = [j for j in range(valid_all.shape[1]) if bool(valid_all[:, j].any())]
-    if not used:
-        return (image.sum() + slots.sum()) * 0.0
-    losses = [
-        contrastive_loss(
-            image,
-            slots[:, j],
-            logit_scale,
-            image_all,
-            slots_all[:, j],
-            offset,
-            valid_all[:, j],
-            None if keys_all is None else keys_all[:, j],
-        )
-        for j in used
-    ]
-    return torch.stack(losses).mean()
+    big_n, slots_n = valid_all.shape
+    keys = None if keys_all is None else keys_all.reshape(big_n, slots_n, -1).transpose(0, 1)
+    per_slot = _info_nce(
+        image[None],
+        slots.transpose(0, 1),
+        logit_scale,
+        image_all[None],
+        slots_all.transpose(0, 1),
+        offset,
+        valid_all.T,
+        keys,
+    )
+    used = valid_all.any(0)
+    return (per_slot * used).sum() / used.sum().clamp(min=1)
 
 
 def margin_ranking_loss(

@@ -31,16 +31,26 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, exempt_1d: boo
 
 
 def speed_options(model: torch.nn.Module, grad_checkpointing: bool, compile: bool) -> None:
-    """Activation checkpointing (open_clip's own) and ``torch.compile`` of both towers, in place.
-
-    ``nn.Module.compile`` keeps the state-dict keys (``torch.compile(module)`` would prefix them),
-    so checkpoints stay loadable by an uncompiled model.
-    """
+    """Activation checkpointing (open_clip's own) and ``torch.compile`` of both towers, in place."""
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     if compile:
-        model.visual.compile()
-        model.transformer.compile()
+        compile_towers(model)
+
+
+def compile_towers(model: torch.nn.Module, **options) -> None:
+    """``torch.compile`` (``options``: its arguments) of the image tower and the text transformer,
+    each with dynamic shapes from the start.
+
+    The text transformer gets another batch size and length with every length group
+    (``clip.encode_text``), the image tower another batch size in validation and in a last batch:
+    compiled for one shape, each would be compiled again as they come. Per tower, one graph per
+    grad mode (training, validation), and one more for a batch of one image (torch specialises
+    size 1). ``nn.Module.compile`` keeps the state-dict keys (``torch.compile(module)`` would prefix
+    them), so checkpoints stay loadable by an uncompiled model.
+    """
+    model.visual.compile(dynamic=True, **options)
+    model.transformer.compile(dynamic=True, **options)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -61,10 +71,10 @@ def schedule_steps(trainer: L.Trainer, schedule_epochs: int | None) -> int:
     return int(schedule_epochs * per_epoch)
 
 
-def _encode_parts(encode, model, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _encode_parts(encode, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Encode every tensor in ``parts`` in one call and split the features back by name."""
     sizes = [len(t) for t in parts.values()]
-    features = encode(model, torch.cat(list(parts.values()))).split(sizes)
+    features = encode(torch.cat(list(parts.values()))).split(sizes)
     return dict(zip(parts, features, strict=True))
 
 
@@ -81,13 +91,21 @@ def agree_losses(
     ``margin_gradient=False`` reproduces the release's margin losses, which train nothing.
 
     All image variants go through the image tower in one call and all text variants
-    (captions, entity prompts, masked captions, VG prompts) through the text tower in one call.
+    (captions, entity prompts, masked captions, VG prompts) through the text tower in one call,
+    cut to the lengths the collate measured on the host (``text_lengths``): no value is read back
+    from the device in the whole forward.
     """
     on = [name for name in LOSSES if weights.get(name, 0) > 0]
     parts = set().union(*(LOSSES[name].parts for name in on))
     images = {part: batch[key] for part, key in IMAGE_PARTS.items() if part == "image" or part in parts}
-    texts = {part: batch[key] for part, key in TEXT_PARTS.items() if part == "caption" or part in parts}
-    f = {**_encode_parts(encode_image, model, images), **_encode_parts(encode_text, model, texts)}
+    text_keys = {part: key for part, key in TEXT_PARTS.items() if part == "caption" or part in parts}
+    texts = {part: batch[key] for part, key in text_keys.items()}
+    host = batch.get("text_lengths")
+    lengths = None if host is None else [n for key in text_keys.values() for n in host[key]]
+    f = {
+        **_encode_parts(lambda x: encode_image(model, x), images),
+        **_encode_parts(lambda x: encode_text(model, x, lengths), texts),
+    }
     shared = LossBatch(f, batch, model.logit_scale.exp(), margin, skip_duplicate_negatives, margin_gradient)
     return {name: LOSSES[name].compute(shared) for name in on}
 
@@ -151,7 +169,7 @@ class AgreeModule(L.LightningModule):
         self.val_recall.update(
             encode_image(self.model, batch["images"]),
             batch["image_ids"],
-            encode_text(self.model, batch["captions"]),
+            encode_text(self.model, batch["captions"], batch["text_lengths"]["captions"]),
             batch["text_ids"],
             batch["text_image_ids"],
         )

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as collectives
 
 from agree.data.entities import scatter_slots
 from agree.errors import ConfigError
@@ -48,19 +48,24 @@ TEXT_PARTS = {
 }
 
 
+# torch's all_gather that differentiates (its backward sums each rank's gradient into the local rows);
+# torch.distributed.nn.functional.all_gather (open_clip's) is deprecated (a FutureWarning in torch 2.14)
+_all_gather = (
+    getattr(collectives, "all_gather_single_autograd", None) or collectives.all_gather_tensor_autograd
+)
+
+
 def gather_rows(x: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, int]:
     """(rows of every rank concatenated, this rank's offset); gradients reach the local rows.
 
-    Equal row counts on every rank are assumed (the train loader drops the last batch).
+    Equal row counts on every rank are assumed (the train loader drops the last batch). Every rank
+    calls it for the same tensors whatever its data, and the losses keep every gathered tensor in
+    their graph, so every rank also runs the same collectives backward.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    if with_grad:
-        parts = dist_fn.all_gather(x)
-    else:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
-    return torch.cat(parts), dist.get_rank() * x.shape[0]
+    gathered = _all_gather(x if with_grad else x.detach(), 0, dist.group.WORLD)
+    return gathered, dist.get_rank() * x.shape[0]
 
 
 @dataclass

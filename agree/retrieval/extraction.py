@@ -45,29 +45,31 @@ def release_slots(texts: list[TestText], segs: dict[str, list[str]], max_entitie
     return slot_mask([len(segs.get(t.query_id, [])) for t in texts], max_entities)
 
 
-def _extractors(cfg: DictConfig, model, tokenizer, device: torch.device):
-    """(encode an image dataset, encode a list of texts): in this process, or in ``cfg.devices``
-    processes through Lightning's predict loop under DDP (every process gets all features)."""
+def _predicted(cfg: DictConfig, model, tokenizer, device: torch.device, passes: dict) -> dict:
+    """The features of each pass (name -> an image dataset or a list of texts) from ``cfg.devices``
+    processes, in one run of Lightning's predict loop under DDP (every process gets all features).
+    Lightning puts each process's model on its own device: the model here is still on the CPU."""
     from agree.model.clip import encode_image, encode_text
+    from agree.retrieval.predict import predict_features
 
-    if cfg.devices > 1:
-        from agree.retrieval.predict import predict_features
+    trainer = {
+        "accelerator": "gpu" if device.type == "cuda" else "cpu",
+        "devices": cfg.devices,
+        "strategy": "ddp",
+        "precision": "bf16-mixed" if device.type == "cuda" else "32-true",
+    }
+    jobs = [
+        (encode_text, tokenizer(data), 0)
+        if isinstance(data, list)
+        else (encode_image, data, cfg.data.num_workers)
+        for data in passes.values()
+    ]
+    return dict(zip(passes, predict_features(model, jobs, cfg.batch_size, trainer), strict=True))
 
-        trainer = {
-            "accelerator": "gpu" if device.type == "cuda" else "cpu",
-            "devices": cfg.devices,
-            "strategy": "ddp",
-            "precision": "bf16-mixed" if device.type == "cuda" else "32-true",
-        }
-        workers = cfg.data.num_workers
 
-        def images(dataset, desc: str) -> torch.Tensor:
-            return predict_features(model, encode_image, dataset, cfg.batch_size, trainer, workers)
-
-        def texts(strings: list[str], desc: str) -> torch.Tensor:
-            return predict_features(model, encode_text, tokenizer(strings), cfg.batch_size, trainer)
-
-        return images, texts
+def _extractors(cfg: DictConfig, model, tokenizer, device: torch.device):
+    """(encode an image dataset, encode a list of texts) in this process, on ``device``."""
+    from agree.model.clip import encode_image, encode_text
 
     def images(dataset, desc: str) -> torch.Tensor:
         loader = torch.utils.data.DataLoader(
@@ -98,7 +100,8 @@ def model_features(
     device: torch.device,
 ):
     """(text features, image features, entity features or None) from ``cfg.model.name`` with the
-    weights ``pretrained`` (a tag, a file or a checkpoint; None: random) on ``device``."""
+    weights ``pretrained`` (a tag, a file or a checkpoint; None: random) on ``device`` (under DDP,
+    ``cfg.devices`` processes, each on its own device)."""
     import lightning as L
 
     from agree.data.datasets import ImageArrays
@@ -109,32 +112,38 @@ def model_features(
     npz = NpzImages(layout.images_npz("test"), layout.image_size)
     image_ids = [im.image_id for im in images]
     npz.require(image_ids, "test image_id")
-    model = create_clip(cfg.model.name, pretrained).to(device).eval()
-    encode_images, encode_texts = _extractors(
-        cfg, model, get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation), device
-    )
-    image_features = encode_images(ImageArrays(npz, image_ids, "test image_id"), "images")
-    text_features = encode_texts([t.text for t in texts], "texts")
+    model = create_clip(cfg.model.name, pretrained).eval()
+    tokenizer = get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation)
+    passes = {"images": ImageArrays(npz, image_ids, "test image_id"), "texts": [t.text for t in texts]}
+    if segs is not None:
+        e = cfg.rerank
+        per_query = [
+            entity_texts(
+                t.text,
+                segs.get(t.query_id, []),
+                e.max_entities,
+                e.max_entity_words,
+                cfg.text.mask_ignore_case,
+                cfg.text.encode_empty_slots,
+            )
+            for t in texts
+        ]
+        valid = slot_mask([len(prompts) for prompts, _ in per_query], e.max_entities)
+        for which, desc in ((0, "entity prompts"), (1, "masked captions")):
+            passes[desc] = [text for query in per_query for text in query[which]]  # only real slots
+    if cfg.devices > 1:
+        features = _predicted(cfg, model, tokenizer, device, passes)
+    else:
+        model = model.to(device)
+        encode_images, encode_texts = _extractors(cfg, model, tokenizer, device)
+        features = {
+            desc: encode_texts(data, desc) if isinstance(data, list) else encode_images(data, desc)
+            for desc, data in passes.items()
+        }
     if segs is None:
-        return text_features, image_features, None
-    e = cfg.rerank
-    per_query = [
-        entity_texts(
-            t.text,
-            segs.get(t.query_id, []),
-            e.max_entities,
-            e.max_entity_words,
-            cfg.text.mask_ignore_case,
-            cfg.text.encode_empty_slots,
-        )
-        for t in texts
-    ]
-    valid = slot_mask([len(prompts) for prompts, _ in per_query], e.max_entities)
-    slots = []
-    for which, desc in ((0, "entity prompts"), (1, "masked captions")):
-        flat = [text for query in per_query for text in query[which]]  # only real slots are encoded
-        slots.append(scatter_slots(encode_texts(flat, desc), valid))
-    return text_features, image_features, EntityFeatures(slots[0], slots[1], valid)
+        return features["texts"], features["images"], None
+    prompts, masks = (scatter_slots(features[desc], valid) for desc in ("entity prompts", "masked captions"))
+    return features["texts"], features["images"], EntityFeatures(prompts, masks, valid)
 
 
 def _in_order(ids: list[str], wanted: list[str], path, what: str) -> np.ndarray | slice:

@@ -175,6 +175,15 @@ def evaluate_settings(cfg: DictConfig) -> EvaluateSettings:
         at_least(checked, key, 1)
     check_seed(checked)
     device = check_device(checked.device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        require(
+            checked.devices <= count,
+            "devices",
+            checked.devices,
+            f"one process per GPU, and this machine has {count}; use devices={count} or fewer, "
+            "or device=cpu for processes on the CPU",
+        )
     rerank = check_rerank(checked)
     check_feature_files(checked)
     from_files = bool(checked.features.image_jsonl)
