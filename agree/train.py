@@ -144,6 +144,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         grad_checkpointing=c.model.grad_checkpointing,
         compile=c.model.compile,
         fused_adamw=c.optim.fused,
+        ddp_gradient=c.loss_options.ddp_gradient,
+        max_logit_scale=c.optim.max_logit_scale,
     )
     trainer_args = settings.trainer
     logger = build_logger(cfg, keep_rows=state.get("history_rows", 0))

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from agree.model.clip import CHECKPOINT_KEY, create_clip, encode_image, encode_text
-from agree.model.registry import IMAGE_PARTS, LOSSES, TEXT_PARTS, LossBatch
+from agree.model.registry import IMAGE_PARTS, LOSSES, TEXT_PARTS, LossBatch, no_gather, release_global_batch
 from agree.retrieval.recall_metric import RetrievalRecallMetric
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -75,10 +75,14 @@ def agree_losses(
     margin: float = 0.0,
     skip_duplicate_negatives: bool = True,
     margin_gradient: bool = True,
+    ddp_gradient: str = "global",
 ) -> dict[str, torch.Tensor]:
     """Each enabled loss (weight > 0), unweighted, for one batch of ``CollateTrain``.
 
     ``margin_gradient=False`` reproduces the release's margin losses, which train nothing.
+    ``ddp_gradient`` (several processes): ``global``, each rank's losses over its own rows, so
+    that DDP's mean of the gradients is the gradient of the global batch's loss; ``per_rank_mean``,
+    the release's: every rank computes the global batch's loss (``release_global_batch``).
 
     All image variants go through the image tower in one call and all text variants
     (captions, entity prompts, masked captions, VG prompts) through the text tower in one call.
@@ -88,7 +92,11 @@ def agree_losses(
     images = {part: batch[key] for part, key in IMAGE_PARTS.items() if part == "image" or part in parts}
     texts = {part: batch[key] for part, key in TEXT_PARTS.items() if part == "caption" or part in parts}
     f = {**_encode_parts(encode_image, model, images), **_encode_parts(encode_text, model, texts)}
-    shared = LossBatch(f, batch, model.logit_scale.exp(), margin, skip_duplicate_negatives, margin_gradient)
+    options = (model.logit_scale.exp(), margin, skip_duplicate_negatives, margin_gradient)
+    if ddp_gradient == "per_rank_mean":
+        shared = LossBatch(*release_global_batch(f, batch), *options, gather=no_gather)
+    else:
+        shared = LossBatch(f, batch, *options)
     return {name: LOSSES[name].compute(shared) for name in on}
 
 
@@ -113,6 +121,8 @@ class AgreeModule(L.LightningModule):
         grad_checkpointing: bool = False,
         compile: bool = False,
         fused_adamw: bool | None = None,
+        ddp_gradient: str = "global",
+        max_logit_scale: float = MAX_LOGIT_SCALE,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -127,7 +137,13 @@ class AgreeModule(L.LightningModule):
         """Each enabled loss, unweighted."""
         hp = self.hparams
         return agree_losses(
-            self.model, batch, self.loss_weights, hp.margin, hp.skip_duplicate_negatives, hp.margin_gradient
+            self.model,
+            batch,
+            self.loss_weights,
+            hp.margin,
+            hp.skip_duplicate_negatives,
+            hp.margin_gradient,
+            hp.ddp_gradient,
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -141,7 +157,7 @@ class AgreeModule(L.LightningModule):
 
     def on_train_batch_end(self, *args) -> None:
         with torch.no_grad():
-            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            self.model.logit_scale.clamp_(0, self.hparams.max_logit_scale)
 
     # -- validation -----------------------------------------------------------------------------
 
