@@ -17,8 +17,9 @@ from agree.data.layout import resolve_path
 from agree.data.npz_images import NpzImages
 from agree.data.records import TestImage, TestText
 from agree.errors import DataFormatError
-from agree.retrieval.features import extract
-from agree.retrieval.pipeline import EntityFeatures
+from agree.retrieval.entity_rows import listing_order, match_rows
+from agree.retrieval.features import extract, lightning_precision
+from agree.retrieval.pipeline import EntityFeatures, RankInputs
 
 
 def entity_texts(
@@ -38,12 +39,6 @@ def entity_texts(
     )
 
 
-def release_slots(texts: list[TestText], segs: dict[str, list[str]], max_entities: int) -> torch.Tensor:
-    """[T, max_entities] bool: the release's feature files hold 10 vectors per query, of which the
-    first ``min(len(items), 10)`` are real and the rest are the features of ``""``."""
-    return slot_mask([len(segs.get(t.query_id, [])) for t in texts], max_entities)
-
-
 def _extractors(cfg: DictConfig, model, tokenizer, device: torch.device):
     """(encode an image dataset, encode a list of texts): in this process, or in ``cfg.devices``
     processes through Lightning's predict loop under DDP (every process gets all features)."""
@@ -56,7 +51,7 @@ def _extractors(cfg: DictConfig, model, tokenizer, device: torch.device):
             "accelerator": "gpu" if device.type == "cuda" else "cpu",
             "devices": cfg.devices,
             "strategy": "ddp",
-            "precision": "bf16-mixed" if device.type == "cuda" else "32-true",
+            "precision": lightning_precision(device, cfg.features.precision),
         }
         workers = cfg.data.num_workers
 
@@ -75,14 +70,18 @@ def _extractors(cfg: DictConfig, model, tokenizer, device: torch.device):
             num_workers=cfg.data.num_workers,  # npz reads overlap the encoder
             pin_memory=device.type == "cuda",
         )
-        return extract(lambda x: encode_image(model, x), loader, device, desc, len(loader))
+        return extract(
+            lambda x: encode_image(model, x), loader, device, desc, len(loader), cfg.features.precision
+        )
 
     def texts(strings: list[str], desc: str) -> torch.Tensor:
         size = cfg.batch_size
         starts = range(0, len(strings), size)
         # tokenised lazily: extract() reads the next batch while the encoder runs on this one
         batches = (tokenizer(strings[i : i + size]) for i in starts)
-        return extract(lambda x: encode_text(model, x), batches, device, desc, len(starts))
+        return extract(
+            lambda x: encode_text(model, x), batches, device, desc, len(starts), cfg.features.precision
+        )
 
     return images, texts
 
@@ -91,13 +90,14 @@ def model_features(
     cfg: DictConfig,
     texts: list[TestText],
     images: list[TestImage],
-    segs: dict | None,
+    entity_rows: list[tuple[str, list[str]]] | None,
     layout,
     pretrained: str | None,
     device: torch.device,
 ):
-    """(text features, image features, entity features or None) from ``cfg.model.name`` with the
-    weights ``pretrained`` (a tag, a file or a checkpoint; None: random) on ``device``."""
+    """(text features, image features, entity features of ``entity_rows`` or None) from
+    ``cfg.model.name`` with the weights ``pretrained`` (a tag, a file or a checkpoint; None:
+    random) on ``device``. ``entity_rows``: (caption, entities) of each row of entity features."""
     import lightning as L
 
     from agree.data.datasets import ImageArrays
@@ -114,19 +114,19 @@ def model_features(
     )
     image_features = encode_images(ImageArrays(npz, image_ids, "test image_id"), "images")
     text_features = encode_texts([t.text for t in texts], "texts")
-    if segs is None:
+    if entity_rows is None:
         return text_features, image_features, None
     e = cfg.rerank
     per_query = [
         entity_texts(
-            t.text,
-            segs.get(t.query_id, []),
+            caption,
+            entities,
             e.max_entities,
             e.max_entity_words,
             cfg.text.mask_ignore_case,
             cfg.text.encode_empty_slots,
         )
-        for t in texts
+        for caption, entities in entity_rows
     ]
     valid = slot_mask([len(prompts) for prompts, _ in per_query], e.max_entities)
     slots = []
@@ -152,10 +152,12 @@ def _in_order(ids: list[str], wanted: list[str], path, what: str) -> np.ndarray 
 
 def jsonl_features(
     cfg: DictConfig, texts: list[TestText], images: list[TestImage], segs: dict[str, list[str]] | None = None
-):
-    """(text features, image features, entity features or None) from reference JSONL files.
+) -> RankInputs:
+    """Features from reference JSONL files, rows in annotation order.
 
-    With ``segs`` (``features.mask_padding``), only each query's real entity slots count in EGR.
+    With ``segs`` (``features.mask_padding``), only the first ``len(items)`` entity vectors of each
+    line count in EGR. ``features.caption_entities`` and ``features.gallery_order`` line the rows up
+    as the release does (``agree.retrieval.entity_rows``).
     """
     f = cfg.features
     keys = {"image_jsonl": "image_id", "text_jsonl": "query_id"}
@@ -171,30 +173,48 @@ def jsonl_features(
             f"{f.image_jsonl}: {image_rows.shape[1]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
         )
     query_ids = [t.query_id for t in texts]
-    image_rows = image_rows[_in_order(image_ids, [im.image_id for im in images], f.image_jsonl, "image")]
-    text_rows = text_rows[_in_order(text_ids, query_ids, f.text_jsonl, "query")]
-    entities = None
-    if "egr" in cfg.rerank.stages:
-        slots = []
-        for key in ("prompt_jsonl", "mask_jsonl"):
-            ids, slot_rows, valid = read_entity_feature_jsonl(paths[key], cfg.rerank.max_entities, rows[key])
-            if slot_rows.shape[2] not in (0, text_rows.shape[1]):
-                raise DataFormatError(
-                    f"{f[key]}: {slot_rows.shape[2]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
-                )
-            order = _in_order(ids, query_ids, f[key], "query")
-            slot_rows = (
-                slot_rows[order]
-                if slot_rows.shape[2]
-                else np.zeros((len(query_ids), slot_rows.shape[1], text_rows.shape[1]), np.float32)
-            )
-            slots.append((torch.from_numpy(slot_rows), torch.from_numpy(valid[order])))
-        if not torch.equal(slots[0][1].sum(1), slots[1][1].sum(1)):
+    image_at = _in_order(image_ids, [im.image_id for im in images], f.image_jsonl, "image")
+    text_at = _in_order(text_ids, query_ids, f.text_jsonl, "query")
+    in_files = f.gallery_order == "files"
+    inputs = RankInputs(
+        torch.from_numpy(text_rows[text_at]),
+        torch.from_numpy(image_rows[image_at]),
+        text_order=listing_order(text_at) if in_files else None,
+        image_order=listing_order(image_at) if in_files else None,
+    )
+    if "egr" not in cfg.rerank.stages:
+        return inputs
+    # a caption as an image->text candidate: its own row, or the row at its position in text_jsonl
+    positions = None
+    if f.caption_entities == "by_position":
+        positions = np.arange(len(query_ids)) if isinstance(text_at, slice) else text_at
+    per_file = []
+    for key in ("prompt_jsonl", "mask_jsonl"):
+        ids, slot_rows, valid = read_entity_feature_jsonl(paths[key], cfg.rerank.max_entities, rows[key])
+        if slot_rows.shape[2] not in (0, text_rows.shape[1]):
             raise DataFormatError(
-                f"{f.prompt_jsonl} and {f.mask_jsonl} list different numbers of entities per query"
+                f"{f[key]}: {slot_rows.shape[2]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
             )
-        valid = slots[0][1]
+        if not slot_rows.shape[2]:
+            slot_rows = np.zeros((len(ids), slot_rows.shape[1], text_rows.shape[1]), np.float32)
         if segs is not None:
-            valid = valid & release_slots(texts, segs, cfg.rerank.max_entities)
-        entities = EntityFeatures(slots[0][0], slots[1][0], valid)
-    return torch.from_numpy(text_rows), torch.from_numpy(image_rows), entities
+            valid = valid & slot_mask([len(segs.get(i, [])) for i in ids], cfg.rerank.max_entities).numpy()
+        at = _in_order(ids, query_ids, f[key], "query")
+        chosen = [(torch.from_numpy(slot_rows[at]), torch.from_numpy(valid[at]))]
+        if positions is not None:
+            row = match_rows(ids, query_ids, positions, f[key])[1]
+            same = np.array_equal(np.arange(len(ids))[at], row)
+            chosen.append(
+                chosen[0] if same else (torch.from_numpy(slot_rows[row]), torch.from_numpy(valid[row]))
+            )
+        per_file.append(chosen)
+    (prompts, valid), (masks, mask_valid) = per_file[0][0], per_file[1][0]
+    if not torch.equal(valid.sum(1), mask_valid.sum(1)):
+        raise DataFormatError(
+            f"{f.prompt_jsonl} and {f.mask_jsonl} list different numbers of entities per query"
+        )
+    inputs.entities = EntityFeatures(prompts, masks, valid)
+    if positions is not None and any(chosen[1] is not chosen[0] for chosen in per_file):
+        (prompts, valid), (masks, _) = per_file[0][1], per_file[1][1]
+        inputs.caption_entities = EntityFeatures(prompts, masks, valid)
+    return inputs
