@@ -88,20 +88,22 @@ def load_test_set(cfg: DictConfig, settings: EvaluateSettings | None = None) -> 
     if from_files:
         segs = None if segs_file is None else read_text_segs(segs_file)
         return TestSet(texts, images, positives, jsonl_features(cfg, texts, images, segs), inputs)
-    features = model_inputs(cfg, settings, texts, images, layout, segs_file)
+    features = model_inputs(cfg, texts, images, layout, segs_file, settings.model.pretrained, settings.device)
     return TestSet(texts, images, positives, features, inputs)
 
 
 def model_inputs(
     cfg: DictConfig,
-    settings: EvaluateSettings,
     texts: list[TestText],
     images: list[TestImage],
     layout: ReleaseLayout,
     segs_file: Path | None,
+    pretrained: str | None,
+    device: torch.device,
 ) -> RankInputs:
-    """Features from the model: with ``segs_file`` (EGR), the entity features of its lines, those
-    some caption takes (``features.caption_entities``, ``agree.retrieval.entity_rows``)."""
+    """Features from the model (``model_features``): with ``segs_file`` (EGR), the entity features
+    of its lines, those some caption takes (``features.caption_entities``,
+    ``agree.retrieval.entity_rows``)."""
     f = cfg.features
     entity_rows = None
     if segs_file is not None:
@@ -111,7 +113,7 @@ def model_inputs(
         lines, (t2i, i2t) = used_rows(t2i, i2t)
         entity_rows = segs_entity_texts([segs[i] for i in lines], texts, f.masked_text_source)
     text_features, image_features, entities = model_features(
-        cfg, texts, images, entity_rows, layout, settings.model.pretrained, settings.device
+        cfg, texts, images, entity_rows, layout, pretrained, device
     )
     inputs = RankInputs(text_features, image_features)
     if entities is not None:
