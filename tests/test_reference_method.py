@@ -42,6 +42,7 @@ from agree.model.tokenizer import get_tokenizer
 from agree.retrieval import extraction as extraction_module
 from agree.retrieval import features as features_module
 from agree.retrieval import predict as predict_module
+from agree.retrieval import rerank
 from agree.retrieval.extraction import entity_texts, model_features
 from agree.retrieval.predict import predict_features
 from agree.settings import device_batch_size
@@ -121,6 +122,11 @@ def release_decayed(named_parameters):
     return {n for n, p in named_parameters if not exclude(n) and p.requires_grad}
 
 
+def scores(vector, rows):
+    """make_topk_predictions_mask+prompt.py's similarities: one row times a batch of rows."""
+    return (torch.from_numpy(vector)[None] @ torch.from_numpy(rows).t()).tolist()[0]
+
+
 def release_egr(texts, images, prompts, masks, slots=None, k=10, topk=128, batch=32):
     """make_topk_predictions_mask+prompt.py, both directions, on its files' lines: ``texts``,
     ``images``, ``prompts`` and ``masks`` are (ids, float32 array) in the lines' order ([N, D]; the
@@ -138,9 +144,6 @@ def release_egr(texts, images, prompts, masks, slots=None, k=10, topk=128, batch
 
     def used(query_id):
         return slot_count if slots is None else slots[query_id]
-
-    def scores(vector, rows):  # one row times a batch of rows, as the script's tensors
-        return (torch.from_numpy(vector)[None] @ torch.from_numpy(rows).t()).tolist()[0]
 
     def mean(values):  # numpy's mean over the first axis: added in order, then divided
         return sum(values) / len(values) if values else 0.0
@@ -800,6 +803,23 @@ def test_row16_egr_arithmetic_on_near_ties(method, tmp_path):
             assert (
                 results["egr"][direction]["r1"] < release_recalls(truth[direction], release[direction])["r1"]
             )
+
+
+def test_row16_similarities_round_as_the_release():
+    """At 768-d a matrix product rounds many similarities differently in the last bit from the
+    release's one-row products; float64 EGR takes them one row at a time."""
+    g = torch.Generator().manual_seed(0)
+    texts, images = (F.normalize(torch.randn(n, 768, generator=g), dim=-1) for n in (24, 100))
+    entities = F.normalize(torch.randn(24, 3, 768, generator=g), dim=-1)
+    release = torch.tensor(
+        [sum((scores(t, images.numpy()[i : i + 32]) for i in range(0, 100, 32)), []) for t in texts.numpy()]
+    )
+    raw, order = rerank._release_search(texts, images, 100)
+    assert torch.equal(raw, release.gather(1, order))
+    for j in range(3):  # an entity vector of each caption times its candidates
+        products = rerank._row_products(entities[:, j, None], images[order])
+        release = torch.tensor([scores(e, images.numpy()) for e in entities[:, j].numpy()])
+        assert torch.equal(products, release.gather(1, order))
 
 
 def release_gathered(x, rank, world):
