@@ -1,6 +1,7 @@
 """Side by side with the release's own evaluation scripts, from the same JSONL feature files.
 
     python scripts/bench_release.py --release-dir PATH/EasyNLP/examples/agree [--full]
+    python scripts/bench_release.py --transcription [--full]
 
 The release's zero-shot re-ranking (``run_flickr30k_zs_rerank.sh`` after feature extraction:
 ``eval/make_topk_predictions_mask+prompt.py`` with top-20 and batch 32, ``eval/eval_back_retrieval.py``,
@@ -13,6 +14,11 @@ equal work.
 The release's scripts are not shipped here: point ``--release-dir`` (or ``AGREE_RELEASE_DIR``) at
 ``examples/agree`` of an EasyNLP checkout. They run unmodified; the one change needed on a machine
 without a GPU is made from outside: ``Tensor.cuda`` returns the tensor itself (``--run-release``).
+
+``--transcription`` needs no checkout: it compares the EGR lists and recalls of ``agree.evaluate
+rerank=egr`` under ``method=reference`` and ``method=agree`` with those of the transcription of
+``make_topk_predictions_mask+prompt.py`` in ``tests/test_reference_method.py`` (``release_egr``:
+the script's per-query products and Python-float sums), on the same files.
 
 Default size: 200 images x 1,000 captions (the release's per-pair Python loops take minutes at full
 size); ``--full``: Flickr30k test size, 1,000 x 5,000. Both: 10 entity vectors per caption (the
@@ -37,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agree.data.evaluation_files import read_predictions  # noqa: E402
-from agree.data.feature_files import write_feature_jsonl  # noqa: E402
+from agree.data.feature_files import read_entity_feature_jsonl, read_feature_jsonl, write_feature_jsonl  # noqa: E402
 
 SLOTS, DIM = 10, 768
 STAGES = {"egr": "", "tbr": "_rerank"}  # our stage -> suffix of the release's prediction files
@@ -117,10 +123,10 @@ def release_side(release: Path, p: dict[str, Path], out: Path) -> float:
     return sum(timed([*shim, *step], log) for step in steps)
 
 
-def our_side(p: dict[str, Path], out: Path) -> float:
+def our_side(p: dict[str, Path], out: Path, method: str = "reference", rerank: str = "egr_tbr") -> float:
     """``python -m agree.evaluate`` on the feature files, as one process; its wall time."""
     command = [
-        sys.executable, "-m", "agree.evaluate", "method=reference", "rerank=egr_tbr", f"output_dir={out}",
+        sys.executable, "-m", "agree.evaluate", f"method={method}", f"rerank={rerank}", f"output_dir={out}",
         f"annotations.images={p['test_images']}", f"annotations.texts={p['test_texts']}",
         f"annotations.text_segs={p['text_segs']}", f"features.image_jsonl={p['images']}",
         f"features.text_jsonl={p['texts']}", f"features.prompt_jsonl={p['prompts']}",
@@ -172,20 +178,67 @@ def compare(release_out: Path, ours: Path) -> tuple[list[str], int]:
     return problems, near_ties
 
 
+def against_transcription(paths: dict[str, Path], out: Path) -> None:
+    """``agree.evaluate rerank=egr`` under each method against the test's transcription of the
+    release's EGR script, on the files of ``paths``: differing lists, recalls, wall times."""
+    from tests.test_reference_method import release_egr, release_recalls
+
+    features = [
+        read_feature_jsonl(paths[name], key) for name, key in (("texts", "query_id"), ("images", "image_id"))
+    ]
+    features += [read_entity_feature_jsonl(paths[name], SLOTS)[:2] for name in ("prompts", "masks")]
+    start = time.perf_counter()
+    release = release_egr(*features, k=20)
+    print(
+        f"    the transcription (per-query products, Python-float sums): {time.perf_counter() - start:.1f} s"
+    )
+    truth = {
+        direction: {
+            int(r[key]): [int(i) for i in r["item_ids"]]
+            for r in map(json.loads, path.read_text().splitlines())
+        }
+        for direction, path, key in (
+            ("text_to_image", paths["test_texts"], "query_id"),
+            ("image_to_text", paths["test_images"], "image_id"),
+        )
+    }
+    for method in ("reference", "agree"):
+        seconds, folder = our_side(paths, out / method, method, "egr"), out / method
+        differ, recalls = [], []
+        for direction, theirs in release.items():
+            rows = read_predictions(folder / "predictions" / f"egr_{direction}.jsonl")[1]
+            mine = {int(p.query_id): [int(i) for i in p.item_ids] for p in rows}
+            differ.append(f"{sum(mine[q] != r for q, r in theirs.items())} of {len(theirs)} {direction}")
+            expected = release_recalls(truth[direction], theirs)  # evaluation.py's formula
+            written = json.loads((folder / "evaluation" / f"egr_{direction}.json").read_text())["scoreJson"]
+            recalls.append(all(abs(written[k] - expected[k]) < 1e-9 for k in expected))
+            recalls[-1] &= release_recalls(truth[direction], mine) == expected
+        same = "the same recalls" if all(recalls) else "other recalls"
+        print(f"    method={method} ({seconds:.1f} s): EGR lists differing from the transcription: "
+              f"{', '.join(differ)}; {same}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--release-dir", type=Path, default=os.environ.get("AGREE_RELEASE_DIR"),
                         help="examples/agree of an EasyNLP checkout (or AGREE_RELEASE_DIR)")  # fmt: skip
     parser.add_argument("--full", action="store_true", help="Flickr30k test size (1,000 x 5,000)")
+    parser.add_argument("--transcription", action="store_true",
+                        help="compare with the test's transcription of the release's EGR script")  # fmt: skip
     parser.add_argument("--run-release", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_release:
         run_release(args.run_release[0], args.run_release[1:])
         return
+    n_images = 1000 if args.full else 200
+    if args.transcription:
+        print(f"EGR against the transcription: {n_images:,} images x {5 * n_images:,} captions x {SLOTS}")
+        with tempfile.TemporaryDirectory() as tmp:
+            against_transcription(write_inputs(Path(tmp), n_images, 5 * n_images), Path(tmp))
+        return
     if args.release_dir is None or not (args.release_dir / "eval" / "evaluation.py").is_file():
         print("release side by side: skipped (give --release-dir PATH/EasyNLP/examples/agree)")
         return
-    n_images = 1000 if args.full else 200
     print(
         f"release side by side: {n_images:,} images x {5 * n_images:,} captions x {SLOTS} entities, {DIM}-d"
     )
