@@ -135,8 +135,8 @@ def our_side(p: dict[str, Path], out: Path, method: str = "reference", rerank: s
     return timed(command, out.parent / "ours.log")
 
 
-# two candidates whose final EGR scores differ by less than this are a near-tie: the release sums in
-# Python floats (float64), we in float32, so such a pair may come out in either order
+# two candidates whose final EGR scores differ by less than this are a near-tie: where the two sides'
+# similarities round differently (another BLAS kernel, a GPU), such a pair may come out in either order
 NEAR_TIE = 1e-6
 
 
