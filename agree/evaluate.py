@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -30,13 +31,29 @@ from agree.config import ensure_data, torch_flags
 from agree.console import quiet_libraries
 from agree.data.evaluation_files import OUTPUTS, RESULTS, EvaluationFiles, report_inputs, write_evaluation
 from agree.data.feature_cache import FeatureCache
-from agree.data.layout import resolve_path
-from agree.data.records import TestImage, TestText, read_test_images, read_test_texts, read_text_segs
+from agree.data.layout import ReleaseLayout, resolve_path
+from agree.data.npz_images import NpzImages
+from agree.data.records import (
+    TestImage,
+    TestText,
+    read_test_images,
+    read_test_texts,
+    read_text_seg_rows,
+    read_text_segs,
+)
 from agree.report.table import format_table
+from agree.retrieval.entity_rows import (
+    listing_order,
+    match_rows,
+    rows_by_id,
+    segs_entity_texts,
+    select_rows,
+    used_rows,
+)
 from agree.retrieval.extraction import jsonl_features, model_features
 from agree.retrieval.ground_truth import ground_truth
 from agree.retrieval.metrics import DIRECTIONS, recall_at_k, summarise
-from agree.retrieval.pipeline import EntityFeatures, rank_stages
+from agree.retrieval.pipeline import RankInputs, rank_in_order
 from agree.runfolder import RECORD, HydraRun, data_roots, output_folders
 from agree.settings import EvaluateSettings, evaluate_settings
 
@@ -51,9 +68,7 @@ class TestSet:
     texts: list[TestText]
     images: list[TestImage]
     positives: dict[str, torch.Tensor]  # per direction, padded item indices (see ground_truth)
-    text_features: torch.Tensor
-    image_features: torch.Tensor
-    entities: EntityFeatures | None = None
+    features: RankInputs
     report_inputs: dict | None = None  # see report_inputs()
 
 
@@ -84,14 +99,48 @@ def load_test_set(
     texts, images = read_test_texts(texts_file), read_test_images(images_file)
     positives = ground_truth(texts, images, (texts_file, images_file))  # fails early on inconsistent ids
     inputs = report_inputs(texts_file, images_file, layout)
-    segs = None
+    segs_file = None  # the entities of each caption: EGR on a model's features, or their count
     if "egr" in cfg.rerank.stages and (not from_files or cfg.features.mask_padding):
-        segs = read_text_segs(resolve_path(a.text_segs) if a.text_segs else layout.test_text_segs)
+        segs_file = resolve_path(a.text_segs) if a.text_segs else layout.test_text_segs
     if from_files:
+        segs = None if segs_file is None else read_text_segs(segs_file)
         features = jsonl_features(cfg, texts, images, segs, cache or open_cache(settings))
-        return TestSet(texts, images, positives, *features, report_inputs=inputs)
-    features = model_features(cfg, texts, images, segs, layout, settings.model.pretrained, settings.device)
-    return TestSet(texts, images, positives, *features, report_inputs=inputs)
+        return TestSet(texts, images, positives, features, inputs)
+    features = model_inputs(cfg, texts, images, layout, segs_file, settings.model.pretrained, settings.device)
+    return TestSet(texts, images, positives, features, inputs)
+
+
+def model_inputs(
+    cfg: DictConfig,
+    texts: list[TestText],
+    images: list[TestImage],
+    layout: ReleaseLayout,
+    segs_file: Path | None,
+    pretrained: str | None,
+    device: torch.device,
+) -> RankInputs:
+    """Features from the model (``model_features``): with ``segs_file`` (EGR), the entity features
+    of its lines, those some caption takes (``features.caption_entities``,
+    ``agree.retrieval.entity_rows``)."""
+    f = cfg.features
+    entity_rows = None
+    if segs_file is not None:
+        segs = read_text_seg_rows(segs_file, f.masked_text_source == "text_segs")
+        positions = np.arange(len(texts)) if f.caption_entities == "by_position" else None
+        t2i, i2t = match_rows([r.query_id for r in segs], [t.query_id for t in texts], positions, segs_file)
+        lines, (t2i, i2t) = used_rows(t2i, i2t)
+        entity_rows = segs_entity_texts([segs[i] for i in lines], texts, f.masked_text_source)
+    text_features, image_features, entities = model_features(
+        cfg, texts, images, entity_rows, layout, pretrained, device
+    )
+    inputs = RankInputs(text_features, image_features)
+    if entities is not None:
+        inputs.entities = select_rows(entities, t2i)
+        inputs.caption_entities = None if np.array_equal(t2i, i2t) else select_rows(entities, i2t)
+    if f.gallery_order == "files":  # the release lists the test images in the order of the npz's arrays
+        keys = NpzImages(layout.images_npz("test"), layout.image_size).keys()
+        inputs.image_order = listing_order(rows_by_id(keys, [im.image_id for im in images]))
+    return inputs
 
 
 @torch_flags()
@@ -128,23 +177,7 @@ def evaluate(cfg: DictConfig, run: HydraRun | None = None) -> dict:
 
 def rank_and_score(settings: EvaluateSettings, data: TestSet) -> tuple[dict, dict]:
     """(ranked lists, results) of every stage of ``rerank`` in both directions, on ``device``."""
-    device, r = settings.device, settings.rerank
-    entities = data.entities
-    if entities is not None:
-        entities = EntityFeatures(
-            entities.prompts.to(device), entities.masks.to(device), entities.valid.to(device)
-        )
-    lists = rank_stages(
-        data.text_features.to(device),
-        data.image_features.to(device),
-        r["stages"],
-        r["k"],
-        entities,
-        depth=r["depth"],
-        absent_rank=r["absent_rank"],
-        text_to_image=r["text_to_image"],
-        image_to_text=r["image_to_text"],
-    )
+    lists = rank_in_order(data.features.to(settings.device), **settings.rerank)
     results = {
         stage: summarise(*(recall_at_k(ranked[d].cpu(), data.positives[d]) for d in DIRECTIONS))
         for stage, ranked in lists.items()
@@ -157,9 +190,9 @@ def stored_features(data: TestSet, extracted: bool) -> dict[str, torch.Tensor]:
     reads them), and the entity slots when a model ``extracted`` them. Entity features read from
     JSONL files stay there: copying them would write 300 MB of the user's own input at Flickr30k size.
     """
-    stored = {"images": data.image_features, "texts": data.text_features}
-    if extracted and data.entities is not None:
-        e = data.entities
+    stored = {"images": data.features.images, "texts": data.features.texts}
+    if extracted and data.features.entities is not None:
+        e = data.features.entities
         stored.update(entity_prompts=e.prompts, entity_masks=e.masks, entity_valid=e.valid.float())
     return stored
 

@@ -75,6 +75,7 @@ class LossOptions:
     margin: float = 0.0
     skip_duplicate_negatives: bool = True
     margin_gradient: bool = True
+    ddp_gradient: str = "global"  # global | per_rank_mean (agree.model.registry.DDP_GRADIENTS)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class OptimConfig:
     warmup_steps: int = 100
     schedule_epochs: Optional[int] = None
     exempt_1d: bool = True
+    max_logit_scale: float = 4.605170185988092  # log(100)
 
 
 @dataclass
@@ -167,6 +169,7 @@ class RerankConfig:
     max_entity_words: Optional[int] = None
     text_to_image: Optional[EgrWeights] = None
     image_to_text: Optional[EgrWeights] = None
+    accumulate: str = "float32"  # EGR's arithmetic: float32 | float64 (agree.retrieval.rerank.ACCUMULATE)
 
 
 @dataclass
@@ -183,6 +186,10 @@ class FeatureFiles:
     prompt_jsonl: Optional[str] = None
     mask_jsonl: Optional[str] = None
     mask_padding: bool = True
+    precision: str = "bf16"  # fp32 | bf16 (agree.retrieval.features.PRECISIONS)
+    masked_text_source: str = "texts"  # texts | text_segs (agree.retrieval.entity_rows)
+    caption_entities: str = "by_id"  # by_id | by_position
+    gallery_order: str = "annotations"  # annotations | files
 
 
 @dataclass

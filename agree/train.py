@@ -182,6 +182,8 @@ def fit(
         compile=c.model.compile,
         fused_adamw=c.optim.fused,
         data_source=data_source(c.data),
+        ddp_gradient=c.loss_options.ddp_gradient,
+        max_logit_scale=c.optim.max_logit_scale,
     )
     trainer_args = settings.trainer
     logger = build_logger(cfg, resume_step=state.get("global_step", 0))

@@ -1,6 +1,7 @@
 """Side by side with the release's own evaluation scripts, from the same JSONL feature files.
 
     python scripts/bench_release.py [--release-dir PATH/EasyNLP/examples/agree] [--full]
+    python scripts/bench_release.py --transcription [--full]
 
 The release's zero-shot re-ranking (``run_flickr30k_zs_rerank.sh`` after feature extraction:
 ``eval/make_topk_predictions_mask+prompt.py`` with top-20 and batch 32, ``eval/eval_back_retrieval.py``,
@@ -18,6 +19,11 @@ The release's scripts are not shipped here: point ``--release-dir`` (or ``AGREE_
 ``examples/agree`` of an EasyNLP checkout; without it, only our side runs. They run unmodified; the
 one change needed on a machine without a GPU is made from outside: ``Tensor.cuda`` returns the
 tensor itself (``--run-release``).
+
+``--transcription`` needs no checkout: it compares the EGR lists and recalls of ``agree.evaluate
+rerank=egr`` under ``method=reference`` and ``method=agree`` with those of the transcription of
+``make_topk_predictions_mask+prompt.py`` in ``tests/test_reference_method.py`` (``release_egr``:
+the script's per-query products and Python-float sums), on the same files.
 
 Default size: 200 images x 1,000 captions (the release's per-pair Python loops take minutes at full
 size); ``--full``: Flickr30k test size, 1,000 x 5,000. Both: 10 entity vectors per caption (the
@@ -45,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from agree.data.evaluation_files import read_predictions  # noqa: E402
 from agree.data.feature_cache import file_digest  # noqa: E402
-from agree.data.feature_files import write_feature_jsonl  # noqa: E402
+from agree.data.feature_files import read_entity_feature_jsonl, read_feature_jsonl, write_feature_jsonl  # noqa: E402
 
 SLOTS, DIM = 10, 768
 FEATURES = ("images", "texts", "prompts", "masks")
@@ -148,11 +154,18 @@ def release_side(release: Path, p: dict[str, Path], out: Path) -> Seconds:
     return sum((timed([*shim, *step], log) for step in steps), Seconds(0, 0))
 
 
-def evaluate_command(p: dict[str, Path], cache: Path, *more: str, multirun: bool = False) -> list[str]:
+def evaluate_command(
+    p: dict[str, Path],
+    cache: Path,
+    *more: str,
+    multirun: bool = False,
+    method: str = "reference",
+    rerank: str = "egr_tbr",
+) -> list[str]:
     """``python -m agree.evaluate`` on the feature files, the cache of parsed files in ``cache``."""
     return [
-        sys.executable, "-m", "agree.evaluate", *(["-m"] if multirun else []), "method=reference",
-        "rerank=egr_tbr", f"cache_dir={cache}",
+        sys.executable, "-m", "agree.evaluate", *(["-m"] if multirun else []), f"method={method}",
+        f"rerank={rerank}", f"cache_dir={cache}",
         f"annotations.images={p['test_images']}", f"annotations.texts={p['test_texts']}",
         f"annotations.text_segs={p['text_segs']}", f"features.image_jsonl={p['images']}",
         f"features.text_jsonl={p['texts']}", f"features.prompt_jsonl={p['prompts']}",
@@ -193,8 +206,8 @@ def same_outputs(first: Path, second: Path) -> list[str]:
     return [name for name in names if (first / name).read_bytes() != (second / name).read_bytes()]
 
 
-# two candidates whose final EGR scores differ by less than this are a near-tie: the release sums in
-# Python floats (float64), we in float32, so such a pair may come out in either order
+# two candidates whose final EGR scores differ by less than this are a near-tie: where the two sides'
+# similarities round differently (another BLAS kernel, a GPU), such a pair may come out in either order
 NEAR_TIE = 1e-6
 
 
@@ -236,11 +249,55 @@ def compare(release_out: Path, ours: Path) -> tuple[list[str], int]:
     return problems, near_ties
 
 
+def against_transcription(paths: dict[str, Path], out: Path) -> None:
+    """``agree.evaluate rerank=egr`` under each method against the test's transcription of the
+    release's EGR script, on the files of ``paths``: differing lists, recalls, wall times."""
+    from tests.test_reference_method import release_egr, release_recalls
+
+    features = [
+        read_feature_jsonl(paths[name], key) for name, key in (("texts", "query_id"), ("images", "image_id"))
+    ]
+    features += [read_entity_feature_jsonl(paths[name], SLOTS)[:2] for name in ("prompts", "masks")]
+    start = time.perf_counter()
+    release = release_egr(*features, k=20)
+    print(
+        f"    the transcription (per-query products, Python-float sums): {time.perf_counter() - start:.1f} s"
+    )
+    truth = {
+        direction: {
+            int(r[key]): [int(i) for i in r["item_ids"]]
+            for r in map(json.loads, path.read_text().splitlines())
+        }
+        for direction, path, key in (
+            ("text_to_image", paths["test_texts"], "query_id"),
+            ("image_to_text", paths["test_images"], "image_id"),
+        )
+    }
+    for method in ("reference", "agree"):
+        folder = out / method
+        command = evaluate_command(paths, out / "cache", f"output_dir={folder}", method=method, rerank="egr")
+        seconds = timed(command, out / "ours.log").wall
+        differ, recalls = [], []
+        for direction, theirs in release.items():
+            rows = read_predictions(folder / "predictions" / f"egr_{direction}.jsonl")[1]
+            mine = {int(p.query_id): [int(i) for i in p.item_ids] for p in rows}
+            differ.append(f"{sum(mine[q] != r for q, r in theirs.items())} of {len(theirs)} {direction}")
+            expected = release_recalls(truth[direction], theirs)  # evaluation.py's formula
+            written = json.loads((folder / "evaluation" / f"egr_{direction}.json").read_text())["scoreJson"]
+            recalls.append(all(abs(written[k] - expected[k]) < 1e-9 for k in expected))
+            recalls[-1] &= release_recalls(truth[direction], mine) == expected
+        same = "the same recalls" if all(recalls) else "other recalls"
+        print(f"    method={method} ({seconds:.1f} s): EGR lists differing from the transcription: "
+              f"{', '.join(differ)}; {same}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--release-dir", type=Path, default=os.environ.get("AGREE_RELEASE_DIR"),
                         help="examples/agree of an EasyNLP checkout (or AGREE_RELEASE_DIR)")  # fmt: skip
     parser.add_argument("--full", action="store_true", help="Flickr30k test size (1,000 x 5,000)")
+    parser.add_argument("--transcription", action="store_true",
+                        help="compare with the test's transcription of the release's EGR script")  # fmt: skip
     parser.add_argument("--run-release", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_release:
@@ -252,6 +309,11 @@ def main() -> None:
             f"--release-dir {release}: no eval/evaluation.py (examples/agree of an EasyNLP checkout)"
         )
     n_images = 1000 if args.full else 200
+    if args.transcription:
+        print(f"EGR against the transcription: {n_images:,} images x {5 * n_images:,} captions x {SLOTS}")
+        with tempfile.TemporaryDirectory() as tmp:
+            against_transcription(write_inputs(Path(tmp), n_images, 5 * n_images), Path(tmp))
+        return
     print(
         f"release side by side: {n_images:,} images x {5 * n_images:,} captions x {SLOTS} entities, {DIM}-d"
     )

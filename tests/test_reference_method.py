@@ -6,15 +6,21 @@ examples/agree: training/data.py, training/train_all.py, training/main_all.py, e
 eval/make_topk_predictions_mask+prompt.py, eval/evaluation.py, clip/clip.py).
 """
 
+import dataclasses
 import json
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
@@ -22,15 +28,23 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import OmegaConf
 
 from agree.config import resolve_precision
+from agree.data.datamodule import AgreeDataModule
 from agree.data.datasets import CollateTrain, random_square
+from agree.data.npz_images import NpzImages
 from agree.data.pixels import black
 from agree.data.records import read_test_images, read_test_texts, read_text_segs
-from agree.errors import ConfigError
-from agree.evaluate import evaluate
+from agree.errors import ConfigError, DataFormatError
+from agree.evaluate import evaluate, model_inputs
 from agree.model.clip import create_clip, encode_image, encode_text
-from agree.model.module import agree_losses
+from agree.model.module import AgreeModule, agree_losses
+from agree.model.registry import inputs_for
 from agree.model.tokenizer import get_tokenizer
+from agree.retrieval import extraction as extraction_module
+from agree.retrieval import features as features_module
+from agree.retrieval import predict as predict_module
+from agree.retrieval import rerank
 from agree.retrieval.extraction import entity_texts, model_features
+from agree.retrieval.predict import predict_features
 from agree.settings import device_batch_size
 from agree.train import train
 
@@ -108,46 +122,64 @@ def release_decayed(named_parameters):
     return {n for n, p in named_parameters if not exclude(n) and p.requires_grad}
 
 
-def release_egr(texts, images, prompts, masks, slots, k=10, topk=128):
-    """make_topk_predictions_mask+prompt.py, both directions, over the first ``slots[q]`` entity
-    vectors of each query (the release: all 10). texts [T, D], images [I, D], prompts / masks
-    [T, 10, D] float32 numpy; returns ranked index lists."""
+def scores(vector, rows):
+    """make_topk_predictions_mask+prompt.py's similarities: one row times a batch of rows."""
+    return (torch.from_numpy(vector)[None] @ torch.from_numpy(rows).t()).tolist()[0]
 
-    def t2i(q):
-        used = range(slots[q])
-        tuples = []
-        for i in range(len(images)):
-            score = float(texts[q] @ images[i])
-            score_diffs = [score - float(masks[q, j] @ images[i]) for j in used]
-            prompt_score = (
-                float(np.mean([float(prompts[q, j] @ images[i]) for j in used])) if slots[q] else 0.0
-            )
-            overall = 0.9 * score + 0.1 * sum(score_diffs)
-            tuples.append((i, score, overall, 0.99 * overall + 0.01 * prompt_score))
-        return tuples
 
-    def i2t(v):
-        tuples = []
-        for t in range(len(texts)):
-            used = range(slots[t])
-            score = float(images[v] @ texts[t])
-            score_diffs = [min(0, score - float(images[v] @ masks[t, j])) for j in used]
-            prompt_score = (
-                float(np.mean([float(images[v] @ prompts[t, j]) for j in used])) if slots[t] else 0.0
-            )
-            overall = 0.8 * score + 0.2 * prompt_score
-            tuples.append((t, score, overall, 0.98 * overall + 0.02 * sum(score_diffs)))
-        return tuples
+def release_egr(texts, images, prompts, masks, slots=None, k=10, topk=128, batch=32):
+    """make_topk_predictions_mask+prompt.py, both directions, on its files' lines: ``texts``,
+    ``images``, ``prompts`` and ``masks`` are (ids, float32 array) in the lines' order ([N, D]; the
+    entity files [N, 10, D]). Text->image looks a caption's entity lines up by its id, image->text
+    takes the lines at the caption's position; every similarity is a [1, D] x [D, batch] float32
+    product, the rest Python floats. ``slots``: {query id: entity vectors that count} (the
+    release: all 10; image->text reads the count of the line at the caption's position).
+    Returns {direction: {query id: ranked item ids}}, ids as integers."""
+    (text_ids, text_rows), (image_ids, image_rows) = texts, images
+    prompt_of, mask_of = dict(zip(*prompts, strict=True)), dict(zip(*masks, strict=True))
+    slot_count = prompts[1].shape[1]
+    # image->text: one array per slot over all lines, sliced by the caption batch
+    prompt_slots = [np.ascontiguousarray(prompts[1][:, j]) for j in range(slot_count)]
+    mask_slots = [np.ascontiguousarray(masks[1][:, j]) for j in range(slot_count)]
+
+    def used(query_id):
+        return slot_count if slots is None else slots[query_id]
+
+    def mean(values):  # numpy's mean over the first axis: added in order, then divided
+        return sum(values) / len(values) if values else 0.0
 
     def rank(tuples):
         top = sorted(tuples, key=lambda x: x[1], reverse=True)[:topk]
         first = sorted(top, key=lambda x: x[2], reverse=True)
-        return [entry[0] for entry in sorted(first, key=lambda x: x[3], reverse=True)[:k]]
+        return [int(entry[0]) for entry in sorted(first, key=lambda x: x[3], reverse=True)[:k]]
 
-    return {
-        "text_to_image": [rank(t2i(q)) for q in range(len(texts))],
-        "image_to_text": [rank(i2t(v)) for v in range(len(images))],
-    }
+    t2i = {}
+    for query_id, text in zip(text_ids, text_rows, strict=True):
+        n, tuples = used(query_id), []
+        for start in range(0, len(image_ids), batch):
+            rows = image_rows[start : start + batch]
+            raw = scores(text, rows)
+            masked = [scores(m, rows) for m in mask_of[query_id][:n]]
+            prompted = [scores(p, rows) for p in prompt_of[query_id][:n]]
+            for b, image_id in enumerate(image_ids[start : start + batch]):
+                overall = 0.9 * raw[b] + 0.1 * sum(raw[b] - m[b] for m in masked)
+                final = 0.99 * overall + 0.01 * mean([p[b] for p in prompted])
+                tuples.append((image_id, raw[b], overall, final))
+        t2i[int(query_id)] = rank(tuples)
+    i2t = {}
+    for image_id, image in zip(image_ids, image_rows, strict=True):
+        tuples = []
+        for start in range(0, len(text_ids), batch):
+            raw = scores(image, text_rows[start : start + batch])
+            masked = [scores(image, rows[start : start + batch]) for rows in mask_slots]
+            prompted = [scores(image, rows[start : start + batch]) for rows in prompt_slots]
+            for b, text_id in enumerate(text_ids[start : start + batch]):
+                n = used(prompts[0][start + b])
+                overall = 0.8 * raw[b] + 0.2 * mean([p[b] for p in prompted[:n]])
+                penalty = sum(min(0, raw[b] - m[b]) for m in masked[:n])
+                tuples.append((text_id, raw[b], overall, 0.98 * overall + 0.02 * penalty))
+        i2t[int(image_id)] = rank(tuples)
+    return {"text_to_image": t2i, "image_to_text": i2t}
 
 
 def release_recalls(reference, predictions):
@@ -320,7 +352,8 @@ def test_empty_entity_slots_in_zero_shot_features(method, scenes):
     cfg = config("evaluate", f"method={method}", "rerank=egr", f"data.root={scenes.root}", "device=cpu")
     texts, images = read_test_texts(scenes.test_texts), read_test_images(scenes.test_images)
     segs = read_text_segs(scenes.test_text_segs)
-    _, _, entities = model_features(cfg, texts, images, segs, scenes, None, torch.device("cpu"))
+    rows = [(t.text, segs[t.query_id]) for t in texts]
+    _, _, entities = model_features(cfg, texts, images, rows, scenes, None, torch.device("cpu"))
     counts = torch.tensor([min(len(segs[t.query_id]), 10) for t in texts])
     assert (counts < 10).all()
     real = torch.arange(10)[None, :] < counts[:, None]
@@ -371,6 +404,55 @@ def test_row3_no_entity_filter_at_test_time(method):
 # row 4: padded slots of the release's entity feature files in EGR
 
 
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_release(folder, files, owner, counts, text_order=None, image_order=None):
+    """Release-format files in ``folder``: the feature files, ``files`` = (texts, images, prompts,
+    masks), each (ids, array) in its lines' order; the annotations, listing the captions in
+    ``text_order`` and the images in ``image_order`` (default: the feature files' orders), with
+    ``owner`` {query id: image id} and {query id: ``counts``} entities in text_segs."""
+    texts, images, prompts, masks = files
+    text_order = list(texts[0]) if text_order is None else text_order
+    image_order = list(images[0]) if image_order is None else image_order
+    paths = {
+        name: write_jsonl(
+            folder / f"{name}.jsonl", [{key: i, "feature": f.tolist()} for i, f in zip(*rows, strict=True)]
+        )
+        for name, key, rows in (
+            ("texts", "query_id", texts),
+            ("images", "image_id", images),
+            ("prompts", "query_id", prompts),
+            ("masks", "query_id", masks),
+        )
+    }
+    captions = {i: [q for q in text_order if owner[q] == i] for i in image_order}
+    annotations = {
+        "test_texts": [
+            {"query_id": q, "query_text": f"t{q}", "item_ids": [int(owner[q])]} for q in text_order
+        ],
+        "test_images": [{"image_id": int(i), "item_ids": captions[i]} for i in image_order],
+        "segs": [
+            {"query_id": q, "query_text": f"t{q}", "items": [f"e{j}" for j in range(counts[q])]}
+            for q in text_order
+        ],
+    }
+    paths.update({name: write_jsonl(folder / f"{name}.jsonl", rows) for name, rows in annotations.items()})
+    truth = {
+        "text_to_image": {q: [int(owner[q])] for q in text_order},
+        "image_to_text": {int(i): captions[i] for i in image_order},
+    }
+    return paths, truth
+
+
+def lines(ids, rows, order):
+    """(ids, rows) with the lines in ``order`` (of ids)."""
+    at = [list(ids).index(i) for i in order]
+    return [ids[i] for i in at], rows[at]
+
+
 @pytest.fixture(scope="module")
 def release_files(tmp_path_factory):
     """Release-format features (10 entity vectors per query, padding = the features of "") and
@@ -390,46 +472,11 @@ def release_files(tmp_path_factory):
         prompts[q, :n] = unit(images[owner[q]] + 1.0 * rng.normal(size=(n, 16)))
         masks[q, :n] = unit(texts[q] + 0.8 * rng.normal(size=(n, 16)))
     image_ids = [str(1000 + i) for i in range(12)]
-
-    def write(name, rows):
-        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return folder / name
-
-    paths = {
-        "images": write(
-            "imgs.jsonl",
-            [{"image_id": i, "feature": f.tolist()} for i, f in zip(image_ids, images, strict=True)],
-        ),
-        "texts": write("txts.jsonl", [{"query_id": q, "feature": f.tolist()} for q, f in enumerate(texts)]),
-        "prompts": write(
-            "prompt.jsonl", [{"query_id": q, "feature": f.tolist()} for q, f in enumerate(prompts)]
-        ),
-        "masks": write("mask.jsonl", [{"query_id": q, "feature": f.tolist()} for q, f in enumerate(masks)]),
-        "test_texts": write(
-            "test_texts.jsonl",
-            [
-                {"query_id": q, "query_text": f"t{q}", "item_ids": [int(image_ids[owner[q]])]}
-                for q in range(24)
-            ],
-        ),
-        "test_images": write(
-            "test_images.jsonl",
-            [{"image_id": int(i), "item_ids": [2 * n, 2 * n + 1]} for n, i in enumerate(image_ids)],
-        ),
-        "segs": write(
-            "segs.jsonl",
-            [
-                {"query_id": q, "query_text": f"t{q}", "items": [f"e{j}" for j in range(n)]}
-                for q, n in enumerate(counts)
-            ],
-        ),
-    }
-    truth = {
-        "text_to_image": {q: [int(image_ids[owner[q]])] for q in range(24)},
-        "image_to_text": {int(i): [2 * n, 2 * n + 1] for n, i in enumerate(image_ids)},
-    }
-    arrays = (texts, images, prompts, masks)
-    return paths, arrays, counts, image_ids, truth
+    query_ids = list(range(24))
+    files = ((query_ids, texts), (image_ids, images), (query_ids, prompts), (query_ids, masks))
+    owners = {q: image_ids[owner[q]] for q in query_ids}
+    paths, truth = write_release(folder, files, owners, counts)
+    return paths, files, counts, truth
 
 
 def release_config(paths, out, *overrides):
@@ -449,29 +496,35 @@ def release_config(paths, out, *overrides):
     )
 
 
+def written_lists(out, stage="egr"):
+    """{direction: {query id: ranked item ids}} of an evaluation's prediction files, ids as integers."""
+    lists = {}
+    for direction, key in (("text_to_image", "query_id"), ("image_to_text", "image_id")):
+        rows = map(json.loads, (out / "predictions" / f"{stage}_{direction}.jsonl").read_text().splitlines())
+        lists[direction] = {int(r[key]): [int(i) for i in r["item_ids"]] for r in rows}
+    return lists
+
+
+def assert_recalls(results, truth, lists, stage="egr"):
+    for direction in lists:
+        recalls = release_recalls(truth[direction], lists[direction])
+        for k in ("r1", "r5", "r10"):
+            assert results[stage][direction][k] == pytest.approx(recalls[k], rel=1e-12)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_row4_padded_entity_slots_of_release_feature_files(method, release_files, tmp_path):
-    paths, arrays, counts, image_ids, truth = release_files
+    paths, files, counts, truth = release_files
     out = tmp_path / "out"
     results = evaluate(
         release_config(paths, out, f"method={method}", f"annotations.text_segs={paths['segs']}")
     )
-    slots = [10] * 24 if method == "reference" else [min(n, 10) for n in counts]
-    expected = release_egr(*arrays, slots)
-    other = release_egr(*arrays, [min(n, 10) for n in counts] if method == "reference" else [10] * 24)
+    real = {q: min(n, 10) for q, n in enumerate(counts)}
+    expected = release_egr(*files, None if method == "reference" else real)
+    other = release_egr(*files, real if method == "reference" else None)
     assert expected != other  # padding changes the lists on these inputs
-    names = {"text_to_image": ("query_id", image_ids), "image_to_text": ("image_id", list(range(24)))}
-    for direction, (key, item_ids) in names.items():
-        lines = (out / "predictions" / f"egr_{direction}.jsonl").read_text().splitlines()
-        written = {int(json.loads(line)[key]): json.loads(line)["item_ids"] for line in lines}
-        queries = list(truth[direction])
-        want = {
-            q: [int(item_ids[i]) for i in row] for q, row in zip(queries, expected[direction], strict=True)
-        }
-        assert written == want
-        recalls = release_recalls(truth[direction], want)
-        for k in ("r1", "r5", "r10"):
-            assert results["egr"][direction][k] == pytest.approx(recalls[k], rel=1e-12)
+    assert written_lists(out) == expected
+    assert_recalls(results, truth, expected)
 
 
 def test_row4_corrected_method_needs_the_entity_counts(release_files, tmp_path):
@@ -614,6 +667,355 @@ def test_row11_captions_longer_than_the_context(method):
     else:
         assert torch.equal(ours(texts), plain(texts)) and ours(texts)[0, -1] == plain.eot_token_id
     assert torch.equal(ours(texts)[1], release[1])  # short captions are the same
+
+
+# ---------------------------------------------------------------------------------------------
+# rows 13 to 20: test-time precision, masked captions, entity rows, EGR arithmetic, DDP gradient,
+# logit-scale clamp, AdamW kernel, gallery order
+
+
+def release_features(model, encode, batches):
+    """extract_features_zs_mask+prompt.py: ``convert_models_to_fp32(model)``, no autocast, each
+    batch's features divided by their norm."""
+    model = model.float()
+    with torch.no_grad():
+        features = [encode(batch) for batch in batches]
+    return torch.cat([f / f.norm(dim=-1, keepdim=True) for f in features])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_row13_test_time_precision(method, scenes, monkeypatch):
+    monkeypatch.setattr(features_module, "AUTOCAST_DEVICES", ("cuda", "cpu"))  # autocast without CUDA
+    cfg = config("evaluate", f"method={method}", f"data.root={scenes.root}", "device=cpu")
+    texts, images = read_test_texts(scenes.test_texts), read_test_images(scenes.test_images)
+    cpu = torch.device("cpu")
+    ours_texts, ours_images, _ = model_features(cfg, texts, images, None, scenes, None, cpu)
+    L.seed_everything(cfg.seed, verbose=False)  # the same random weights
+    model = create_clip(cfg.model.name).eval()
+    tokenizer = get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation)
+    npz = NpzImages(scenes.images_npz("test"), scenes.image_size)
+    pixels = torch.stack([torch.from_numpy(npz[im.image_id]).float() for im in images])
+    release_texts = release_features(model, model.encode_text, [tokenizer([t.text for t in texts])])
+    release_images = release_features(model, model.encode_image, [pixels])
+    for ours, release in ((ours_texts, release_texts), (ours_images, release_images)):
+        gap = (ours - release).abs().max().item()
+        if method == "reference":
+            assert gap < 1e-5
+        else:  # bf16 autocast: close, not the same
+            assert 1e-4 < gap < 0.1
+    # several processes: Lightning's predict loop runs at the same precision
+    captured = {}
+
+    def predict(model, encode, dataset, batch_size, trainer, workers=0):
+        captured.update(trainer)
+        one = {**trainer, "devices": 1, "strategy": "auto"}  # the same loop in this process
+        return predict_features(model, encode, dataset, batch_size, one, workers)
+
+    monkeypatch.setattr(predict_module, "predict_features", predict)
+    cfg = config("evaluate", f"method={method}", f"data.root={scenes.root}", "device=cpu", "devices=2")
+    _, encode_texts = extraction_module._extractors(cfg, model, tokenizer, cpu)
+    several = encode_texts([t.text for t in texts], "texts")
+    assert captured["precision"] == ("32-true" if method == "reference" else "bf16-mixed")
+    gap = (several - release_texts).abs().max().item()
+    assert gap < 1e-5 if method == "reference" else 1e-4 < gap < 0.1
+
+
+def other_segs_file(scenes, folder):
+    """The scenes' text_segs with its lines reversed and each query_text changed ("... there")."""
+    rows = [json.loads(line) for line in scenes.test_text_segs.read_text().splitlines()][::-1]
+    for row in rows:
+        row["query_text"] += " there"
+    return write_jsonl(folder / "segs.jsonl", rows)
+
+
+def release_mask_features(model, tokenizer, line):
+    """eval/data.py ``EvalMaskDataset``: the line's query_text with each item replaced by [MASK],
+    padded with "" to 10 (or cut), encoded as the extraction script does."""
+    masked = [line["query_text"].replace(item, "[MASK]") for item in line["items"]]
+    masked = (masked + [""] * 10)[:10]
+    return release_features(model, model.encode_text, [tokenizer(masked)])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rows14_15_masked_captions_and_entity_rows_of_the_segs_file(method, scenes, tmp_path):
+    segs_file = other_segs_file(scenes, tmp_path)
+    cfg = config("evaluate", f"method={method}", "rerank=egr", f"data.root={scenes.root}", "device=cpu")
+    texts, images = read_test_texts(scenes.test_texts), read_test_images(scenes.test_images)
+    got = model_inputs(cfg, texts, images, scenes, segs_file, None, torch.device("cpu"))
+    L.seed_everything(cfg.seed, verbose=False)
+    model = create_clip(cfg.model.name).eval()
+    tokenizer = get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation)
+    lines = [json.loads(line) for line in segs_file.read_text().splitlines()]
+    line_of = {str(line["query_id"]): line for line in lines}
+    for i in (0, 1, len(texts) - 1):  # captions whose segs line is elsewhere in the file
+        caption = texts[i]
+        assert lines[i]["query_id"] != int(caption.query_id)
+        by_id = release_mask_features(model, tokenizer, line_of[caption.query_id])
+        by_position = release_mask_features(model, tokenizer, lines[i])
+        if method == "reference":  # masked in the segs line's query_text; image->text takes line i
+            assert torch.allclose(got.entities.masks[i], by_id, atol=1e-5)
+            assert torch.allclose(got.caption_entities.masks[i], by_position, atol=1e-5)
+        else:  # masked in the test caption; the caption's own entities in both directions
+            assert got.caption_entities is None
+            items = line_of[caption.query_id]["items"]
+            _, masked = entity_texts(caption.text, items, 10, None)
+            n = len(masked)
+            assert torch.allclose(got.entities.masks[i, :n], encode_text(model, tokenizer(masked)), atol=1e-5)
+            assert not torch.allclose(got.entities.masks[i, :n], by_id[:n], atol=1e-3)
+
+
+def test_row15_a_caption_without_a_line_at_its_position_is_named(scenes, tmp_path):
+    rows = scenes.test_text_segs.read_text().splitlines()[:-1]
+    short = write_jsonl(tmp_path / "segs.jsonl", [json.loads(line) for line in rows])
+    cfg = config("evaluate", "method=reference", "rerank=egr", f"data.root={scenes.root}", "device=cpu")
+    texts, images = read_test_texts(scenes.test_texts), read_test_images(scenes.test_images)
+    with pytest.raises(DataFormatError, match=rf"{short}: {len(rows)} rows, but caption .* by_id"):
+        model_inputs(cfg, texts, images, scenes, short, None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_row15_image_to_text_entity_rows_by_position(method, release_files, tmp_path):
+    _, files, _, _ = release_files
+    texts, images, prompts, masks = files
+    order = prompts[0][::-1]  # the entity files list the captions in another order than text_jsonl
+    moved = (texts, images, lines(*prompts, order), lines(*masks, order))
+    owners = {q: images[0][q // 2] for q in texts[0]}
+    paths, truth = write_release(tmp_path, moved, owners, {q: 10 for q in texts[0]})
+    results = evaluate(
+        release_config(paths, tmp_path / "out", f"method={method}", f"annotations.text_segs={paths['segs']}")
+    )
+    release, by_id = release_egr(*moved), release_egr(*files)  # files: entity lines in text_jsonl's order
+    assert release["image_to_text"] != by_id["image_to_text"]
+    assert release["text_to_image"] == by_id["text_to_image"]  # text->image looks lines up by id
+    expected = release if method == "reference" else by_id
+    assert written_lists(tmp_path / "out") == expected
+    assert_recalls(results, truth, expected)
+
+
+def near_ties():
+    """Release-format features on which float32 EGR ties two candidates that float64 orders.
+
+    Dyadic values make every product exact. Caption 2 scores images 1000 and 1001 alike but for
+    one prompt product 2^-25 larger with 1001 (its image): 1e-10 in the final score, lost in
+    float32, so the earlier 1000 comes first; image 1002 scores captions 0 and 1 likewise (1 is its).
+    """
+    tiny = 2.0**-25
+
+    def vector(**dims):
+        out = np.zeros(8, np.float32)
+        for name, value in dims.items():
+            out[int(name[1:])] = value
+        return out
+
+    images = np.stack([vector(d0=0.5, d1=0.25), vector(d0=0.5, d1=0.25 + tiny), vector(d2=1), vector(d3=1)])
+    texts = np.stack(
+        [vector(d2=0.5), vector(d2=0.5), vector(d0=1), vector(d0=0.5, d4=0.5)]
+        + [vector(d3=0.5, d5=0.5), vector(d3=0.5, d4=0.25), vector(d2=0.25, d6=0.5), vector(d1=0.5, d7=0.5)]
+    )
+    prompts = np.repeat(vector(d5=0.5, d6=0.25)[None, None], 8, 0).repeat(10, 1)
+    masks = np.repeat(vector(d4=0.5)[None, None], 8, 0).repeat(10, 1)
+    prompts[0], masks[0] = vector(d2=0.25), vector(d2=0.75)
+    prompts[1], masks[1] = vector(d2=0.25 + tiny), vector(d2=0.75)
+    prompts[2], masks[2] = vector(d1=1), vector(d0=0.5)
+    image_ids, query_ids = [str(1000 + i) for i in range(4)], list(range(8))
+    owners = dict(zip(query_ids, [image_ids[i] for i in (3, 2, 1, 0, 3, 0, 2, 1)], strict=True))
+    return ((query_ids, texts), (image_ids, images), (query_ids, prompts), (query_ids, masks)), owners
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_row16_egr_arithmetic_on_near_ties(method, tmp_path):
+    files, owners = near_ties()
+    paths, truth = write_release(tmp_path, files, owners, dict.fromkeys(owners, 10))
+    results = evaluate(
+        release_config(paths, tmp_path / "out", f"method={method}", f"annotations.text_segs={paths['segs']}")
+    )
+    release = release_egr(*files)
+    got = written_lists(tmp_path / "out")
+    assert release["text_to_image"][2][:2] == [1001, 1000] and release["image_to_text"][1002][:2] == [1, 0]
+    if method == "reference":
+        assert got == release
+        assert_recalls(results, truth, release)
+    else:  # float32: the near-ties fall back to the earlier candidate
+        assert got["text_to_image"][2][:2] == [1000, 1001] and got["image_to_text"][1002][:2] == [0, 1]
+        for direction in release:
+            assert (
+                results["egr"][direction]["r1"] < release_recalls(truth[direction], release[direction])["r1"]
+            )
+
+
+def test_row16_similarities_round_as_the_release():
+    """At 768-d a matrix product rounds many similarities differently in the last bit from the
+    release's one-row products; float64 EGR takes them one row at a time."""
+    g = torch.Generator().manual_seed(0)
+    texts, images = (F.normalize(torch.randn(n, 768, generator=g), dim=-1) for n in (24, 100))
+    entities = F.normalize(torch.randn(24, 3, 768, generator=g), dim=-1)
+    release = torch.tensor(
+        [sum((scores(t, images.numpy()[i : i + 32]) for i in range(0, 100, 32)), []) for t in texts.numpy()]
+    )
+    raw, order = rerank._release_search(texts, images, 100)
+    assert torch.equal(raw, release.gather(1, order))
+    for j in range(3):  # an entity vector of each caption times its candidates
+        products = rerank._row_products(entities[:, j, None], images[order])
+        release = torch.tensor([scores(e, images.numpy()) for e in entities[:, j].numpy()])
+        assert torch.equal(products, release.gather(1, order))
+
+
+def release_gathered(x, rank, world):
+    """train_all.py with ``--aggregate``: ``dist.all_gather`` (no gradient), this rank's own
+    features first, then the others'."""
+    parts = [torch.zeros_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return torch.cat([x] + parts[:rank] + parts[rank + 1 :])
+
+
+def _ddp_worker(rank: int, world: int, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    state = torch.load(f"{folder}/inputs.pt", weights_only=False)
+    batch = state["batches"][rank]
+
+    def fresh():
+        model = create_clip("agree-tiny")
+        model.load_state_dict(state["model"])
+        return model
+
+    def reduced(model):  # DDP's gradient: the mean over the ranks
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        for grad in grads.values():
+            dist.all_reduce(grad)
+        return {n: g / world for n, g in grads.items()}
+
+    out = {}
+    for method, ddp_gradient in state["ddp_gradient"].items():
+        model = fresh()
+        loss = agree_losses(model, batch, {"clip": 1.0}, 0.0, False, True, ddp_gradient)["clip"]
+        loss.backward()
+        out[method] = {"loss": loss.item(), "grads": reduced(model)}
+        if ddp_gradient == "per_rank_mean":  # every loss (method=agree: test_two_processes_equal_one)
+            every = agree_losses(fresh(), batch, state["weights"], 0.0, False, True, ddp_gradient)
+            out[method]["every"] = {k: v.item() for k, v in every.items()}
+    model = fresh()
+    image, text = encode_image(model, batch["images"]), encode_text(model, batch["captions"])
+    release = release_clip_loss(
+        release_gathered(image, rank, world), release_gathered(text, rank, world), model.logit_scale.exp()
+    )
+    release.backward()
+    out["release"] = {"loss": release.item(), "grads": reduced(model)}
+    torch.save(out, f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_row17_ddp_gradient(scenes, tmp_path):
+    tokenizer = get_tokenizer("agree-tiny")
+    weights = dict.fromkeys(("clip", "prompt", "text_mask", "ground_mask"), 1.0)
+    dm = AgreeDataModule(scenes, tokenizer, batch_size=8, needs=inputs_for(weights))
+    dm.setup()
+    torch.manual_seed(0)
+    items = [dm.train_set[i] for i in range(8)]
+    collate = CollateTrain(tokenizer, inputs_for(weights), 5)
+    torch.manual_seed(3)
+    model = create_clip("agree-tiny")
+    ddp_gradient = {method: train_config(method).loss_options.ddp_gradient for method in METHODS}
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "batches": [collate(items[:4]), collate(items[4:])],
+            "ddp_gradient": ddp_gradient,
+            "weights": weights,
+        },
+        tmp_path / "inputs.pt",
+    )
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    full = agree_losses(model, collate(items), weights, 0.0, False, True)  # one process, the global batch
+    release = ranks[0]["release"]
+    for rank in ranks:  # the release: every rank computes the global batch's loss
+        assert rank["release"]["loss"] == pytest.approx(full["clip"].item(), rel=1e-5)
+    for method in METHODS:
+        grads = ranks[0][method]["grads"]
+        for name, grad in release["grads"].items():
+            if method == "agree" and name != "logit_scale":
+                grad = 2 * grad  # the global batch's gradient: W times the release's for the towers
+            assert (grads[name] - grad).norm() <= 1e-4 * grad.norm() + 1e-9, name
+    for rank in ranks:  # method=reference: every loss, on every rank, is the global batch's
+        assert rank["reference"]["every"].keys() == weights.keys()
+        for name, value in rank["reference"]["every"].items():
+            assert value == pytest.approx(full[name].item(), rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_row18_logit_scale_clamp(method):
+    optim = train_config(method).optim
+    module = AgreeModule("agree-tiny", None, {"clip": 1.0}, max_logit_scale=optim.max_logit_scale)
+    logit_scale = module.model.logit_scale
+    with torch.no_grad():
+        logit_scale.fill_(4.7)
+    module.on_train_batch_end()
+    release = torch.clamp(torch.tensor(4.7), 0, 4.6052)  # train_all.py, after each step
+    if method == "reference":
+        assert logit_scale.item() == release.item()
+    else:
+        assert logit_scale.item() == torch.tensor(math.log(100)).item() != release.item()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_row19_adamw_kernel_on_cuda(method, monkeypatch):
+    optim = train_config(method).optim
+    module = AgreeModule("agree-tiny", None, {"clip": 1.0}, fused_adamw=optim.fused)
+    monkeypatch.setattr(AgreeModule, "device", property(lambda self: torch.device("cuda")))
+    fused = module.optimizer().defaults["fused"]
+    release = torch.optim.AdamW(module.model.parameters()).defaults["fused"]  # main_all.py: optim.AdamW(...)
+    assert bool(fused) == (method == "agree") and not release
+
+
+def test_rows17_to_19_are_wired(trained):
+    method, cfg, objects = trained
+    hparams = objects["module"].hparams
+    assert hparams.ddp_gradient == cfg.loss_options.ddp_gradient
+    assert hparams.max_logit_scale == cfg.optim.max_logit_scale
+    assert hparams.fused_adamw == cfg.optim.fused
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_row20_gallery_order_of_the_feature_files(method, release_files, tmp_path):
+    _, files, _, _ = release_files
+    (text_ids, texts), (image_ids, images), prompts, masks = files
+    texts, images = texts.copy(), images.copy()
+    texts[9], images[7] = texts[5], images[3]  # exact ties: their order decides
+    prompts, masks = (prompts[0], prompts[1].copy()), (masks[0], masks[1].copy())
+    prompts[1][9], masks[1][9] = prompts[1][5], masks[1][5]
+    tied = ((text_ids, texts), (image_ids, images), prompts, masks)
+    text_order, image_order = text_ids[::-1], image_ids[::-1]  # the files' lines, reversed
+    in_files = (lines(text_ids, texts, text_order), lines(image_ids, images, image_order))
+    in_files += (lines(*prompts, text_order), lines(*masks, text_order))
+    owners = {q: image_ids[q // 2] for q in text_ids}
+    paths, truth = write_release(tmp_path, in_files, owners, dict.fromkeys(text_ids, 10), text_ids, image_ids)
+    results = evaluate(
+        release_config(paths, tmp_path / "out", f"method={method}", f"annotations.text_segs={paths['segs']}")
+    )
+    release, annotation_order = release_egr(*in_files), release_egr(*tied)
+    for direction in release:
+        assert release[direction] != annotation_order[direction]
+    expected = release if method == "reference" else annotation_order
+    assert written_lists(tmp_path / "out") == expected
+    assert_recalls(results, truth, expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_row20_gallery_order_of_the_images_npz(method, scenes, tmp_path):
+    layout = dataclasses.replace(scenes, root=tmp_path)
+    shutil.copytree(scenes.root / "annotation", tmp_path / "annotation")
+    with np.load(scenes.images_npz("test")) as npz:
+        keys = list(npz.keys())
+        np.savez(layout.images_npz("test"), **{key: npz[key] for key in keys[::-1]})
+    cfg = config("evaluate", f"method={method}", f"data.root={tmp_path}", "device=cpu")
+    texts, images = read_test_texts(scenes.test_texts), read_test_images(scenes.test_images)
+    assert [im.image_id for im in images] == keys  # the annotations list the images as the npz did
+    got = model_inputs(cfg, texts, images, layout, None, None, torch.device("cpu"))
+    if method == "reference":  # eval/data.py: the images in the order of the npz's keys
+        assert got.image_order.tolist() == list(range(len(images)))[::-1]
+    else:
+        assert got.image_order is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from agree.retrieval import rerank
 from agree.retrieval.reference_loops import loop_egr_i2t, loop_egr_t2i, loop_tbr
-from agree.retrieval.rerank import egr_image_to_text, egr_text_to_image, tbr
+from agree.retrieval.rerank import ACCUMULATE, egr_image_to_text, egr_text_to_image, tbr
 from agree.retrieval.search import topk_similarity
 
 SEEDS = range(4)
@@ -146,6 +146,7 @@ def test_egr_defaults_are_the_published_ones() -> None:
         "base_weight": 0.99,
         "prompt_weight": 0.01,
         "search": None,
+        "accumulate": "float32",
     }
     assert defaults(egr_image_to_text) == {
         "depth": 128,
@@ -154,6 +155,7 @@ def test_egr_defaults_are_the_published_ones() -> None:
         "base_weight": 0.98,
         "mask_weight": 0.02,
         "search": None,
+        "accumulate": "float32",
     }
     # and the rerank=egr config states the same values
     config = OmegaConf.load(Path(rerank.__file__).parents[1] / "conf" / "rerank" / "egr.yaml")
@@ -186,13 +188,16 @@ def test_egr_reuses_a_deeper_search(seed: int) -> None:
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("k,depth", [(5, 9), (20, 128), (3, 3)])
+@pytest.mark.parametrize("accumulate", ACCUMULATE)
 def test_egr_text_to_image_matches_loop(
-    seed: int, ties: bool, k: int, depth: int, small_chunks: None
+    seed: int, ties: bool, k: int, depth: int, accumulate: str, small_chunks: None
 ) -> None:
     g = torch.Generator().manual_seed(seed)
     texts, images, prompts, masks, valid = entity_data(g, 11, 14, 4, 4 if ties else 8, ties)
     weights = EXACT_T2I if ties else {}
-    result = egr_text_to_image(texts, images, prompts, masks, valid, k, depth, **weights)
+    result = egr_text_to_image(
+        texts, images, prompts, masks, valid, k, depth, accumulate=accumulate, **weights
+    )
     assert result.dtype == torch.int64 and result.shape == (11, min(k, depth, 14))
     assert result.tolist() == loop_egr_t2i(texts, images, prompts, masks, valid, k, depth, **weights)
 
@@ -200,13 +205,16 @@ def test_egr_text_to_image_matches_loop(
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("k,depth", [(5, 9), (20, 128), (3, 3)])
+@pytest.mark.parametrize("accumulate", ACCUMULATE)
 def test_egr_image_to_text_matches_loop(
-    seed: int, ties: bool, k: int, depth: int, small_chunks: None
+    seed: int, ties: bool, k: int, depth: int, accumulate: str, small_chunks: None
 ) -> None:
     g = torch.Generator().manual_seed(seed)
     captions, images, prompts, masks, valid = entity_data(g, 14, 11, 4, 4 if ties else 8, ties)
     weights = EXACT_I2T if ties else {}
-    result = egr_image_to_text(images, captions, prompts, masks, valid, k, depth, **weights)
+    result = egr_image_to_text(
+        images, captions, prompts, masks, valid, k, depth, accumulate=accumulate, **weights
+    )
     assert result.dtype == torch.int64 and result.shape == (11, min(k, depth, 14))
     assert result.tolist() == loop_egr_i2t(images, captions, prompts, masks, valid, k, depth, **weights)
 
@@ -228,17 +236,20 @@ def test_egr_ignores_padded_slot_contents(seed: int) -> None:
         assert len(results) == 1
 
 
-def test_egr_without_any_valid_entity_keeps_search_order() -> None:
+@pytest.mark.parametrize("accumulate", ACCUMULATE)
+def test_egr_without_any_valid_entity_keeps_search_order(accumulate: str) -> None:
     g = torch.Generator().manual_seed(0)
     texts, images = torch.randn(6, 5, generator=g), torch.randn(10, 5, generator=g)
     entities = torch.randn(6, 3, 5, generator=g)
     valid = torch.zeros(6, 3, dtype=torch.bool)
     search_order = topk_similarity(texts, images, 4)[1]
-    assert torch.equal(egr_text_to_image(texts, images, entities, entities, valid, 4, 8), search_order)
+    got = egr_text_to_image(texts, images, entities, entities, valid, 4, 8, accumulate=accumulate)
+    assert torch.equal(got, search_order)
     # Image->text with no caption entities: base = 0.8 s, score = 0.98 base -> search order too.
     images_as_queries = images[:6]
     expected = topk_similarity(images_as_queries, texts, 4)[1]
-    assert torch.equal(egr_image_to_text(images_as_queries, texts, entities, entities, valid, 4, 8), expected)
+    got = egr_image_to_text(images_as_queries, texts, entities, entities, valid, 4, 8, accumulate=accumulate)
+    assert torch.equal(got, expected)
 
 
 def test_egr_reorders_by_entities() -> None:
@@ -265,13 +276,15 @@ def test_egr_image_to_text_score_ties_fall_back_to_the_base_score() -> None:
     assert egr_image_to_text(*args, **EXACT_I2T).tolist() == [[1, 0]]
 
 
-def test_empty_inputs() -> None:
+@pytest.mark.parametrize("accumulate", ACCUMULATE)
+def test_empty_inputs(accumulate: str) -> None:
     feats, ents, valid = torch.randn(4, 5), torch.randn(4, 3, 5), torch.ones(4, 3, dtype=torch.bool)
     none, no_ents, no_valid = feats[:0], ents[:0], valid[:0]
-    assert egr_text_to_image(feats, none, ents, ents, valid, 3).shape == (4, 0)
-    assert egr_text_to_image(none, feats, no_ents, no_ents, no_valid, 3).shape == (0, 3)
-    assert egr_image_to_text(feats, none, no_ents, no_ents, no_valid, 3).shape == (4, 0)
-    assert egr_image_to_text(none, feats, ents, ents, valid, 3).shape == (0, 3)
+    a = {"accumulate": accumulate}
+    assert egr_text_to_image(feats, none, ents, ents, valid, 3, **a).shape == (4, 0)
+    assert egr_text_to_image(none, feats, no_ents, no_ents, no_valid, 3, **a).shape == (0, 3)
+    assert egr_image_to_text(feats, none, no_ents, no_ents, no_valid, 3, **a).shape == (4, 0)
+    assert egr_image_to_text(none, feats, ents, ents, valid, 3, **a).shape == (0, 3)
     assert tbr(torch.zeros(0, 3, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64)).shape == (0, 3)
 
 

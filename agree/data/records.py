@@ -181,6 +181,32 @@ def read_text_segs(path: str | os.PathLike) -> dict[str, list[str]]:
     return _keyed_lists(path, "query_id", "items")
 
 
+@dataclass(frozen=True)
+class TextSegs:
+    """A line of ``flickr30k_test_texts_segs.jsonl``: a caption's entities, and the caption."""
+
+    query_id: str
+    text: str  # its query_text ("" when not read)
+    items: tuple[str, ...]
+
+
+def read_text_seg_rows(path: str | os.PathLike, with_text: bool = False) -> list[TextSegs]:
+    """``flickr30k_test_texts_segs.jsonl`` in its order; ``with_text``: each line's ``query_text``
+    is required and read (the release masks entities in it)."""
+    fields = {"query_id": (int, str), "items": list} | ({"query_text": str} if with_text else {})
+    rows = checked_rows(path, fields)
+    out = [
+        TextSegs(
+            parse_id(r["query_id"], where, "query_id"),
+            r["query_text"] if with_text else "",
+            tuple(string_list(r["items"], where, "items")),
+        )
+        for where, r in rows
+    ]
+    check_unique([r.query_id for r in out], [where for where, _ in rows], "query_id")
+    return out
+
+
 def read_image_objects(path: str | os.PathLike) -> dict[str, list[str]]:
     """``objects/flickr30k_{split}_imgs_objs.jsonl`` -> {flickr_id: VG vocabulary words}."""
     return _keyed_lists(path, "image_id", "image_objects")

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from agree.model.clip import CHECKPOINT_KEY, DATA_KEY, create_clip, encode_image, encode_text
-from agree.model.registry import IMAGE_PARTS, LOSSES, TEXT_PARTS, LossBatch
+from agree.model.registry import IMAGE_PARTS, LOSSES, TEXT_PARTS, LossBatch, no_gather, release_global_batch
 from agree.retrieval.recall_metric import RetrievalRecallMetric
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -85,10 +85,14 @@ def agree_losses(
     margin: float = 0.0,
     skip_duplicate_negatives: bool = True,
     margin_gradient: bool = True,
+    ddp_gradient: str = "global",
 ) -> dict[str, torch.Tensor]:
     """Each enabled loss (weight > 0), unweighted, for one batch of ``CollateTrain``.
 
     ``margin_gradient=False`` reproduces the release's margin losses, which train nothing.
+    ``ddp_gradient`` (several processes): ``global``, each rank's losses over its own rows, so
+    that DDP's mean of the gradients is the gradient of the global batch's loss; ``per_rank_mean``,
+    the release's: every rank computes the global batch's loss (``release_global_batch``).
 
     All image variants go through the image tower in one call and all text variants
     (captions, entity prompts, masked captions, VG prompts) through the text tower in one call,
@@ -106,7 +110,11 @@ def agree_losses(
         **_encode_parts(lambda x: encode_image(model, x), images),
         **_encode_parts(lambda x: encode_text(model, x, lengths), texts),
     }
-    shared = LossBatch(f, batch, model.logit_scale.exp(), margin, skip_duplicate_negatives, margin_gradient)
+    options = (model.logit_scale.exp(), margin, skip_duplicate_negatives, margin_gradient)
+    if ddp_gradient == "per_rank_mean":
+        shared = LossBatch(*release_global_batch(f, batch), *options, gather=no_gather)
+    else:
+        shared = LossBatch(f, batch, *options)
     return {name: LOSSES[name].compute(shared) for name in on}
 
 
@@ -132,6 +140,8 @@ class AgreeModule(L.LightningModule):
         compile: bool = False,
         fused_adamw: bool | None = None,
         data_source: dict | None = None,
+        ddp_gradient: str = "global",
+        max_logit_scale: float = MAX_LOGIT_SCALE,
     ):
         """``data_source``: what the checkpoints record of the training data (``DATA_KEY``)."""
         super().__init__()
@@ -147,7 +157,13 @@ class AgreeModule(L.LightningModule):
         """Each enabled loss, unweighted."""
         hp = self.hparams
         return agree_losses(
-            self.model, batch, self.loss_weights, hp.margin, hp.skip_duplicate_negatives, hp.margin_gradient
+            self.model,
+            batch,
+            self.loss_weights,
+            hp.margin,
+            hp.skip_duplicate_negatives,
+            hp.margin_gradient,
+            hp.ddp_gradient,
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -161,7 +177,7 @@ class AgreeModule(L.LightningModule):
 
     def on_train_batch_end(self, *args) -> None:
         with torch.no_grad():
-            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            self.model.logit_scale.clamp_(0, self.hparams.max_logit_scale)
 
     # -- validation -----------------------------------------------------------------------------
 

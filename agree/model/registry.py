@@ -68,6 +68,46 @@ def gather_rows(x: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, 
     return gathered, dist.get_rank() * x.shape[0]
 
 
+def no_gather(x: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, int]:
+    """The rows as they are (a batch that already holds every rank's rows)."""
+    return x, 0
+
+
+# The gradient of a multi-process step (``loss_options.ddp_gradient``).
+DDP_GRADIENTS = ("global", "per_rank_mean")
+# The batch entries the losses read besides the features: one row per pair, gathered as they are.
+_BATCH_ROWS = ("image_keys", "caption_keys", "entity_valid", "entity_keys", "vg_keys")
+
+
+def release_global_batch(f: dict[str, torch.Tensor], batch: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every rank's features and ids, as the release's multi-process step sees them.
+
+    The release gathers the features without gradient and puts this rank's own back (only they
+    carry a gradient); every rank then computes the loss of the whole global batch, and DDP
+    averages the gradients: each rank's rows get 1/W of the global loss's gradient, the logit
+    scale all of it. Entity parts (the valid slots' rows, a different count per rank) are laid
+    out as [B, slots, D] to be gathered, and their valid rows taken again.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return f, batch
+    rank = dist.get_rank()
+
+    def gathered(x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.detach().contiguous())
+        parts[rank] = x
+        return torch.cat(parts)
+
+    rows = {key: gathered(batch[key]) for key in _BATCH_ROWS if key in batch}
+    out = {}
+    for part, features in f.items():
+        if part in ("prompt", "masked"):
+            out[part] = gathered(scatter_slots(features, batch["entity_valid"]))[rows["entity_valid"]]
+        else:
+            out[part] = gathered(features)
+    return out, {**batch, **rows}
+
+
 @dataclass
 class LossBatch:
     """What the losses of one training step share: the encoded features (``f``, by part name),
@@ -79,22 +119,23 @@ class LossBatch:
     margin: float
     skip_duplicate_negatives: bool
     margin_gradient: bool
+    gather: Callable[..., tuple[torch.Tensor, int]] = gather_rows  # no_gather: f holds every rank's rows
 
     def __post_init__(self) -> None:
-        self.image_all, self.offset = gather_rows(self.f["image"])
-        self.caption_all, _ = gather_rows(self.f["caption"])
+        self.image_all, self.offset = self.gather(self.f["image"])
+        self.caption_all, _ = self.gather(self.f["caption"])
         self.global_n = len(self.image_all)
 
     def keys(self, *ids: torch.Tensor) -> torch.Tensor | None:
         """Gathered ids whose matches are left out of the negatives (None: keep every negative)."""
         if not self.skip_duplicate_negatives:
             return None
-        return gather_rows(torch.stack(ids, -1), with_grad=False)[0]
+        return self.gather(torch.stack(ids, -1), with_grad=False)[0]
 
     @cached_property
     def valid_all(self) -> torch.Tensor:
         """[global B, slots] bool: the used entity slots of every rank."""
-        return gather_rows(self.batch["entity_valid"], with_grad=False)[0]
+        return self.gather(self.batch["entity_valid"], with_grad=False)[0]
 
     @cached_property
     def positive(self) -> torch.Tensor:
@@ -121,7 +162,7 @@ def _clip(b: LossBatch) -> torch.Tensor:
 def _prompt(b: LossBatch) -> torch.Tensor:
     slots = b.slots("prompt")
     valid = b.batch["entity_valid"]
-    slots_all, _ = gather_rows(slots)
+    slots_all, _ = b.gather(slots)
     slot_keys = b.keys(b.batch["image_keys"][:, None].expand_as(valid), b.batch["entity_keys"])
     return losses.slot_contrastive_loss(
         b.f["image"], slots, b.scale, b.valid_all, b.image_all, slots_all, b.offset, slot_keys
@@ -134,8 +175,8 @@ def _text_mask(b: LossBatch) -> torch.Tensor:
 
 
 def _vg_contrast(b: LossBatch) -> torch.Tensor:
-    vg_all, _ = gather_rows(b.f["vg"])
-    vg_prompt_all, _ = gather_rows(b.f["vg_prompt"])
+    vg_all, _ = b.gather(b.f["vg"])
+    vg_prompt_all, _ = b.gather(b.f["vg_prompt"])
     return losses.contrastive_loss(
         b.f["vg"],
         b.f["vg_prompt"],

@@ -18,8 +18,9 @@ from agree.data.layout import resolve_path
 from agree.data.npz_images import NpzImages
 from agree.data.records import TestImage, TestText
 from agree.errors import DataFormatError
-from agree.retrieval.features import extract
-from agree.retrieval.pipeline import EntityFeatures
+from agree.retrieval.entity_rows import listing_order, match_rows
+from agree.retrieval.features import extract, lightning_precision
+from agree.retrieval.pipeline import EntityFeatures, RankInputs
 
 
 def entity_texts(
@@ -39,12 +40,6 @@ def entity_texts(
     )
 
 
-def release_slots(texts: list[TestText], segs: dict[str, list[str]], max_entities: int) -> torch.Tensor:
-    """[T, max_entities] bool: the release's feature files hold 10 vectors per query, of which the
-    first ``min(len(items), 10)`` are real and the rest are the features of ``""``."""
-    return slot_mask([len(segs.get(t.query_id, [])) for t in texts], max_entities)
-
-
 def _predicted(cfg: DictConfig, model, tokenizer, device: torch.device, passes: dict) -> dict:
     """The features of each pass (name -> an image dataset or a list of texts) from ``cfg.devices``
     processes, in one run of Lightning's predict loop under DDP (every process gets all features).
@@ -56,7 +51,7 @@ def _predicted(cfg: DictConfig, model, tokenizer, device: torch.device, passes: 
         "accelerator": "gpu" if device.type == "cuda" else "cpu",
         "devices": cfg.devices,
         "strategy": "ddp",
-        "precision": "bf16-mixed" if device.type == "cuda" else "32-true",
+        "precision": lightning_precision(device, cfg.features.precision),
     }
     jobs = [
         (encode_text, tokenizer(data), 0)
@@ -78,14 +73,18 @@ def _extractors(cfg: DictConfig, model, tokenizer, device: torch.device):
             num_workers=cfg.data.num_workers,  # npz reads overlap the encoder
             pin_memory=device.type == "cuda",
         )
-        return extract(lambda x: encode_image(model, x), loader, device, desc, len(loader))
+        return extract(
+            lambda x: encode_image(model, x), loader, device, desc, len(loader), cfg.features.precision
+        )
 
     def texts(strings: list[str], desc: str) -> torch.Tensor:
         size = cfg.batch_size
         starts = range(0, len(strings), size)
         # tokenised lazily: extract() reads the next batch while the encoder runs on this one
         batches = (tokenizer(strings[i : i + size]) for i in starts)
-        return extract(lambda x: encode_text(model, x), batches, device, desc, len(starts))
+        return extract(
+            lambda x: encode_text(model, x), batches, device, desc, len(starts), cfg.features.precision
+        )
 
     return images, texts
 
@@ -94,14 +93,14 @@ def model_features(
     cfg: DictConfig,
     texts: list[TestText],
     images: list[TestImage],
-    segs: dict | None,
+    entity_rows: list[tuple[str, list[str]]] | None,
     layout,
     pretrained: str | None,
     device: torch.device,
 ):
-    """(text features, image features, entity features or None) from ``cfg.model.name`` with the
-    weights ``pretrained`` (a tag, a file or a checkpoint; None: random) on ``device`` (under DDP,
-    ``cfg.devices`` processes, each on its own device)."""
+    """(text features, image features, entity features of ``entity_rows`` or None) from
+    ``cfg.model.name`` with the weights ``pretrained`` (a tag, a file or a checkpoint; None:
+    random) on ``device``. ``entity_rows``: (caption, entities) of each row of entity features."""
     import lightning as L
 
     from agree.data.datasets import ImageArrays
@@ -115,18 +114,18 @@ def model_features(
     model = create_clip(cfg.model.name, pretrained).eval()
     tokenizer = get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation)
     passes = {"images": ImageArrays(npz, image_ids, "test image_id"), "texts": [t.text for t in texts]}
-    if segs is not None:
+    if entity_rows is not None:
         e = cfg.rerank
         per_query = [
             entity_texts(
-                t.text,
-                segs.get(t.query_id, []),
+                caption,
+                entities,
                 e.max_entities,
                 e.max_entity_words,
                 cfg.text.mask_ignore_case,
                 cfg.text.encode_empty_slots,
             )
-            for t in texts
+            for caption, entities in entity_rows
         ]
         valid = slot_mask([len(prompts) for prompts, _ in per_query], e.max_entities)
         for which, desc in ((0, "entity prompts"), (1, "masked captions")):
@@ -140,7 +139,7 @@ def model_features(
             desc: encode_texts(data, desc) if isinstance(data, list) else encode_images(data, desc)
             for desc, data in passes.items()
         }
-    if segs is None:
+    if entity_rows is None:
         return features["texts"], features["images"], None
     prompts, masks = (scatter_slots(features[desc], valid) for desc in ("entity prompts", "masked captions"))
     return features["texts"], features["images"], EntityFeatures(prompts, masks, valid)
@@ -166,11 +165,13 @@ def jsonl_features(
     images: list[TestImage],
     segs: dict[str, list[str]] | None = None,
     cache: FeatureCache | None = None,
-):
-    """(text features, image features, entity features or None) from reference JSONL files, each
-    parsed once through ``cache`` (default: none, every file parsed).
+) -> RankInputs:
+    """Features from reference JSONL files, rows in annotation order, each file parsed once
+    through ``cache`` (default: none, every file parsed).
 
-    With ``segs`` (``features.mask_padding``), only each query's real entity slots count in EGR.
+    With ``segs`` (``features.mask_padding``), only the first ``len(items)`` entity vectors of each
+    line count in EGR. ``features.caption_entities`` and ``features.gallery_order`` line the rows up
+    as the release does (``agree.retrieval.entity_rows``).
     """
     f, cache = cfg.features, cache or FeatureCache(None)
     image_ids, image_rows = cache.vectors(resolve_path(f.image_jsonl), "image_id")
@@ -180,31 +181,49 @@ def jsonl_features(
             f"{f.image_jsonl}: {image_rows.shape[1]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
         )
     query_ids = [t.query_id for t in texts]
-    image_rows = image_rows[_in_order(image_ids, [im.image_id for im in images], f.image_jsonl, "image")]
-    text_rows = text_rows[_in_order(text_ids, query_ids, f.text_jsonl, "query")]
-    entities = None
-    if "egr" in cfg.rerank.stages:
-        slots = []
-        for key in ("prompt_jsonl", "mask_jsonl"):
-            rows = cache.entities(resolve_path(f[key]))
-            ids, (slot_rows, valid) = rows.ids, entity_slots(rows, cfg.rerank.max_entities)
-            if slot_rows.shape[2] not in (0, text_rows.shape[1]):
-                raise DataFormatError(
-                    f"{f[key]}: {slot_rows.shape[2]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
-                )
-            order = _in_order(ids, query_ids, f[key], "query")
-            slot_rows = (
-                slot_rows[order]
-                if slot_rows.shape[2]
-                else np.zeros((len(query_ids), slot_rows.shape[1], text_rows.shape[1]), np.float32)
-            )
-            slots.append((torch.from_numpy(slot_rows), torch.from_numpy(valid[order])))
-        if not torch.equal(slots[0][1].sum(1), slots[1][1].sum(1)):
+    image_at = _in_order(image_ids, [im.image_id for im in images], f.image_jsonl, "image")
+    text_at = _in_order(text_ids, query_ids, f.text_jsonl, "query")
+    in_files = f.gallery_order == "files"
+    inputs = RankInputs(
+        torch.from_numpy(text_rows[text_at]),
+        torch.from_numpy(image_rows[image_at]),
+        text_order=listing_order(text_at) if in_files else None,
+        image_order=listing_order(image_at) if in_files else None,
+    )
+    if "egr" not in cfg.rerank.stages:
+        return inputs
+    # a caption as an image->text candidate: its own row, or the row at its position in text_jsonl
+    positions = None
+    if f.caption_entities == "by_position":
+        positions = np.arange(len(query_ids)) if isinstance(text_at, slice) else text_at
+    per_file = []
+    for key in ("prompt_jsonl", "mask_jsonl"):
+        rows = cache.entities(resolve_path(f[key]))
+        ids, (slot_rows, valid) = rows.ids, entity_slots(rows, cfg.rerank.max_entities)
+        if slot_rows.shape[2] not in (0, text_rows.shape[1]):
             raise DataFormatError(
-                f"{f.prompt_jsonl} and {f.mask_jsonl} list different numbers of entities per query"
+                f"{f[key]}: {slot_rows.shape[2]}-d features but {f.text_jsonl} has {text_rows.shape[1]}-d"
             )
-        valid = slots[0][1]
+        if not slot_rows.shape[2]:
+            slot_rows = np.zeros((len(ids), slot_rows.shape[1], text_rows.shape[1]), np.float32)
         if segs is not None:
-            valid = valid & release_slots(texts, segs, cfg.rerank.max_entities)
-        entities = EntityFeatures(slots[0][0], slots[1][0], valid)
-    return torch.from_numpy(text_rows), torch.from_numpy(image_rows), entities
+            valid = valid & slot_mask([len(segs.get(i, [])) for i in ids], cfg.rerank.max_entities).numpy()
+        at = _in_order(ids, query_ids, f[key], "query")
+        chosen = [(torch.from_numpy(slot_rows[at]), torch.from_numpy(valid[at]))]
+        if positions is not None:
+            row = match_rows(ids, query_ids, positions, f[key])[1]
+            same = np.array_equal(np.arange(len(ids))[at], row)
+            chosen.append(
+                chosen[0] if same else (torch.from_numpy(slot_rows[row]), torch.from_numpy(valid[row]))
+            )
+        per_file.append(chosen)
+    (prompts, valid), (masks, mask_valid) = per_file[0][0], per_file[1][0]
+    if not torch.equal(valid.sum(1), mask_valid.sum(1)):
+        raise DataFormatError(
+            f"{f.prompt_jsonl} and {f.mask_jsonl} list different numbers of entities per query"
+        )
+    inputs.entities = EntityFeatures(prompts, masks, valid)
+    if positions is not None and any(chosen[1] is not chosen[0] for chosen in per_file):
+        (prompts, valid), (masks, _) = per_file[0][1], per_file[1][1]
+        inputs.caption_entities = EntityFeatures(prompts, masks, valid)
+    return inputs

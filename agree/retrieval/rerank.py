@@ -5,7 +5,7 @@ Every function is vectorised over queries and processes them in chunks to bound 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -21,6 +21,12 @@ _I2T_CHUNK = 4096
 # ... and at most this many gathered query rows plus feature rows per gallery bucket
 # (2048 x 768 float32 = 6 MB; staying small lets the allocator reuse the blocks).
 _PAIR_ROWS = 2048
+# EGR in the release's arithmetic: queries per chunk (gathered candidates: 64 x 128 x 768 float32 = 25 MB).
+_RELEASE_CHUNK = 64
+
+# EGR's arithmetic (``rerank.accumulate``): float32, vectorised over entity sums; float64, the
+# release's per-pair sums in float64 of products taken one query row at a time.
+ACCUMULATE = ("float32", "float64")
 
 
 def tbr(forward: torch.Tensor, backward: torch.Tensor, *, absent_rank: int = 10000) -> torch.Tensor:
@@ -140,6 +146,7 @@ def egr_text_to_image(
     base_weight: float = 0.99,
     prompt_weight: float = 0.01,
     search: tuple[torch.Tensor, torch.Tensor] | None = None,
+    accumulate: str = "float32",
 ) -> torch.Tensor:
     """Entity-guided re-ranking of caption queries over images: [Q, min(k, depth, G)] image indices.
 
@@ -156,8 +163,14 @@ def egr_text_to_image(
     prompt vectors are summed first; the two sums are scored against the whole gallery with
     one matrix product per query chunk (about twice the cost of the search itself), which on
     CPU is much cheaper than gathering `depth` candidate vectors per caption.
+
+    ``accumulate="float64"`` scores as the release does instead (``_release_egr``; `search` is
+    not used).
     """
     _check_egr_inputs(texts, images, prompts, masks, valid, texts.shape[0], k, depth)
+    if accumulate == "float64":
+        weights = (raw_weight, mask_weight, base_weight, prompt_weight)
+        return _release_egr(texts, images, prompts, masks, valid, k, depth, _release_t2i(*weights), True)
     raw, candidates = _candidates(texts, images, depth, search)
     images = images.float()
     chunk = max(1, _T2I_ELEMENTS // max(1, 2 * images.shape[0]))
@@ -243,6 +256,7 @@ def egr_image_to_text(
     base_weight: float = 0.98,
     mask_weight: float = 0.02,
     search: tuple[torch.Tensor, torch.Tensor] | None = None,
+    accumulate: str = "float32",
 ) -> torch.Tensor:
     """Entity-guided re-ranking of image queries over captions: [Q, min(k, depth, G)] caption indices.
 
@@ -255,8 +269,14 @@ def egr_image_to_text(
     by base, then by score, both descending. A caption without valid entities gets a mean term
     of 0 and a zero mask sum. The prompt sum is linear in the features, so it is taken over each
     caption's prompt vectors first and dotted with the image.
+
+    ``accumulate="float64"`` scores as the release does instead (``_release_egr``; `search` is
+    not used).
     """
     _check_egr_inputs(images, texts, prompts, masks, valid, texts.shape[0], k, depth)
+    if accumulate == "float64":
+        weights = (raw_weight, prompt_weight, base_weight, mask_weight)
+        return _release_egr(images, texts, prompts, masks, valid, k, depth, _release_i2t(*weights), False)
     all_raw, all_candidates = _candidates(images, texts, depth, search)
     prompt_sums = _valid_sum(prompts, valid)
     counts = valid.sum(dim=1).clamp(min=1)
@@ -274,4 +294,100 @@ def egr_image_to_text(
         out.append(_rank_candidates(candidates, [base, score], k))
     if not out:
         return all_candidates[:, :k]
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# EGR in the release's arithmetic (make_topk_predictions_mask+prompt.py): every similarity is a
+# float32 product of one query row with the gallery, as its per-query loops take them (BLAS rounds
+# a [1, D] x [D, n] product differently from a matrix product in the last bits), and the scores
+# are Python-float (float64) sums over the entity slots in slot order.
+
+Combine = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def _slot_sum(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Σ over the valid slots of values [..., E], added left to right as Python's ``sum`` and
+    numpy's mean over the first axis do (a vectorised sum adds in another order)."""
+    total = torch.zeros(values.shape[:-1], dtype=values.dtype, device=values.device)
+    for j in range(values.shape[-1]):
+        total = total + torch.where(valid[..., j], values[..., j], 0.0)
+    return total
+
+
+def _release_t2i(raw_weight: float, mask_weight: float, base_weight: float, prompt_weight: float) -> Combine:
+    def combine(raw, mask_scores, prompt_scores, valid):
+        base = raw_weight * raw + mask_weight * _slot_sum(raw[..., None] - mask_scores, valid)
+        mean = _slot_sum(prompt_scores, valid) / valid.sum(-1).clamp(min=1)
+        return base, base_weight * base + prompt_weight * mean
+
+    return combine
+
+
+def _release_i2t(raw_weight: float, prompt_weight: float, base_weight: float, mask_weight: float) -> Combine:
+    def combine(raw, mask_scores, prompt_scores, valid):
+        mean = _slot_sum(prompt_scores, valid) / valid.sum(-1).clamp(min=1)
+        base = raw_weight * raw + prompt_weight * mean
+        penalty = _slot_sum((raw[..., None] - mask_scores).clamp(max=0), valid)
+        return base, base_weight * base + mask_weight * penalty
+
+    return combine
+
+
+def _row_products(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """rows [c, 1, D] times columns [c, n, D]: [c, n] float32, one [1, D] x [D, n] product per row."""
+    return torch.bmm(rows, columns.transpose(1, 2)).squeeze(1)
+
+
+def _release_search(
+    queries: torch.Tensor, gallery: torch.Tensor, depth: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``depth`` (float32 scores, indices) of each of a few queries: the gallery times the query
+    vector (a matrix-vector product, rounded as the release's one-query products), stably sorted
+    descending (ties in gallery order, as Python's ``sorted``)."""
+    scores = torch.stack([gallery @ q for q in queries])
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :depth]
+    return scores.gather(1, order), order
+
+
+def _release_egr(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    prompts: torch.Tensor,
+    masks: torch.Tensor,
+    valid: torch.Tensor,
+    k: int,
+    depth: int,
+    combine: Combine,
+    query_entities: bool,
+) -> torch.Tensor:
+    """EGR with the release's arithmetic, in either direction: [Q, min(k, depth, G)] gallery indices.
+
+    ``query_entities``: the entity features [Q, E, D] belong to the queries (text→image: each entity
+    vector of the caption times the candidate images); else [G, E, D] to the gallery (image→text:
+    the image times each entity vector of the candidate captions). ``combine(raw, mask_scores,
+    prompt_scores, valid)`` turns float64 [c, n] and [c, n, E] scores into (base, final) [c, n].
+    Each query scores the whole gallery once, so this costs about one matrix-vector product per query.
+    """
+    queries, gallery = queries.float(), gallery.float()
+    depth, slots = min(depth, gallery.shape[0]), range(valid.shape[1])
+    out = []
+    for start in progress(range(0, queries.shape[0], _RELEASE_CHUNK), "EGR (release arithmetic)"):
+        chunk = slice(start, start + _RELEASE_CHUNK)
+        raw, picked = _release_search(queries[chunk], gallery, depth)
+        candidates = gallery[picked] if query_entities else None
+        scores = []
+        for features in (masks, prompts):
+            if query_entities:
+                products = [_row_products(features[chunk, j, None].float(), candidates) for j in slots]
+            else:
+                products = [_row_products(queries[chunk, None], features[picked, j].float()) for j in slots]
+            scores.append(torch.stack(products, dim=-1).double())
+        slot_valid = valid[chunk, None] if query_entities else valid[picked]
+        base, final = combine(raw.double(), *scores, slot_valid)
+        out.append(_rank_candidates(picked, [base, final], k))
+    if not out:
+        return torch.zeros(0, min(k, depth), dtype=torch.int64, device=queries.device)
     return torch.cat(out)

@@ -14,6 +14,9 @@ from agree.data.feature_cache import default_cache_dir
 from agree.data.layout import ReleaseLayout, resolve_path
 from agree.data.synthetic import SceneConfig
 from agree.errors import ConfigError
+from agree.retrieval.entity_rows import CAPTION_ENTITIES, GALLERY_ORDERS, MASKED_TEXT_SOURCES
+from agree.retrieval.features import PRECISIONS
+from agree.retrieval.rerank import ACCUMULATE
 from agree.schema import EvaluateConfig
 from agree.settings.common import (
     ModelSettings,
@@ -33,6 +36,14 @@ from agree.settings.common import (
 )
 
 RERANK_STAGES = ("egr", "tbr")
+# the keys that name one of a few choices, with them
+CHOICES = {
+    "features.precision": PRECISIONS,
+    "features.masked_text_source": MASKED_TEXT_SOURCES,
+    "features.caption_entities": CAPTION_ENTITIES,
+    "features.gallery_order": GALLERY_ORDERS,
+    "rerank.accumulate": ACCUMULATE,
+}
 
 OmegaConf.register_new_resolver("agree_cache_dir", default_cache_dir, replace=True)  # cache_dir's default
 
@@ -66,6 +77,7 @@ def check_rerank(cfg: DictConfig) -> dict[str, Any]:
         require(rerank.depth >= rerank.k, "rerank.depth", rerank.depth, f"must be >= rerank.k={rerank.k}")
     plain = OmegaConf.to_container(rerank, resolve=True)
     return {
+        "accumulate": plain["accumulate"],
         "stages": plain["stages"],
         "k": plain["k"],
         "depth": plain["depth"],
@@ -73,6 +85,13 @@ def check_rerank(cfg: DictConfig) -> dict[str, Any]:
         "text_to_image": plain["text_to_image"],
         "image_to_text": plain["image_to_text"],
     }
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """Each key of ``CHOICES`` names one of its choices."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        require(value in choices, key, value, f"choose one of {list(choices)}")
 
 
 def check_feature_files(cfg: DictConfig) -> None:
@@ -185,6 +204,7 @@ def evaluate_settings(cfg: DictConfig) -> EvaluateSettings:
             "or device=cpu for processes on the CPU",
         )
     rerank = check_rerank(checked)
+    check_choices(checked)
     check_feature_files(checked)
     from_files = bool(checked.features.image_jsonl)
     if checked.ckpt_required and not checked.ckpt_path and not from_files:

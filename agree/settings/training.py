@@ -18,7 +18,7 @@ from agree.data.layout import ReleaseLayout
 from agree.data.records import PREPARED_FIELDS, how_to_prepare, prepared_fields
 from agree.data.synthetic import SceneConfig
 from agree.errors import ConfigError
-from agree.model.registry import LOSSES, loss_files, loss_weights
+from agree.model.registry import DDP_GRADIENTS, LOSSES, loss_files, loss_weights
 from agree.schema import TrainConfig, TrainerConfig
 from agree.settings.common import (
     ModelSettings,
@@ -148,6 +148,9 @@ def check_train_values(cfg: DictConfig) -> None:
     betas = list(optim.betas)
     require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "optim.betas", betas, "two numbers in [0, 1)")
     require(optim.warmup_steps >= 0, "optim.warmup_steps", optim.warmup_steps, "must be at least 0")
+    require(optim.max_logit_scale > 0, "optim.max_logit_scale", optim.max_logit_scale, "must be > 0")
+    ddp = cfg.loss_options.ddp_gradient
+    require(ddp in DDP_GRADIENTS, "loss_options.ddp_gradient", ddp, f"choose one of {list(DDP_GRADIENTS)}")
     at_least(cfg, "optim.schedule_epochs", 1, "trainer.max_epochs")
     for key, null_means in (
         ("data.batch_size", None),
