@@ -609,7 +609,13 @@ def test_paper_presets_print_the_release_values(method):
         "compile": False,
     }  # mean and std: the openai tag's
     assert job["losses"] == dict(
-        clip=0.9, prompt=0.03, text_mask=0.1, vg_contrast=0.03, vg_mask=0.15, ground_mask=0.1
+        clip=0.9,
+        prompt=0.03,
+        text_mask=0.1,
+        vg_contrast=0.03,
+        vg_mask=0.15,
+        ground_mask=0.1,
+        swap_negatives=0.0,
     )
     optim = job["optim"]
     assert (optim["lr"], optim["weight_decay"], optim["warmup_steps"], optim["schedule_epochs"]) == (
