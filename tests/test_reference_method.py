@@ -282,7 +282,7 @@ def test_empty_entity_slots_in_zero_shot_features(method, scenes):
     cfg = config("evaluate", f"method={method}", "rerank=egr", f"data.root={scenes.root}", "device=cpu")
     texts, images = read_test_texts(scenes.test_texts), read_test_images(scenes.test_images)
     segs = read_text_segs(scenes.test_text_segs)
-    _, _, entities = model_features(cfg, texts, images, segs, scenes, None, torch.device("cpu"))
+    _, _, entities, _ = model_features(cfg, texts, images, segs, scenes, None, torch.device("cpu"))
     counts = torch.tensor([min(len(segs[t.query_id]), 10) for t in texts])
     assert (counts < 10).all()
     real = torch.arange(10)[None, :] < counts[:, None]
