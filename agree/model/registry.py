@@ -171,7 +171,7 @@ def _swap_negatives(b: LossBatch) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Loss:
-    """One AGREE loss: the entity inputs its batches carry beyond images and captions (the
+    """One fine-tuning loss: the entity inputs its batches carry beyond images and captions (the
     dataset loads them, and their files must exist), the feature parts it needs encoded
     (``IMAGE_PARTS``/``TEXT_PARTS``), its unweighted value for one batch, and whether it is one of
     the paper's (``losses=agree`` turns those on; the ablation drops them one at a time)."""
