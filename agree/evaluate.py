@@ -8,6 +8,8 @@ store), ``predictions/`` (reference JSONL per stage and direction), ``evaluation
 evaluation JSON per stage and direction), ``results.json`` and ``report_inputs.json`` (where
 ``agree.report`` finds the annotations and test images). They are written into a hidden staging
 folder first and replace an earlier evaluation's outputs as a set (``agree.atomic.replace_as_set``).
+With test entities (the segs file) and a model, ``results.json`` also holds the binding probe
+(``agree.retrieval.probe``).
 
 The output files are described in ``agree.data.evaluation_files``; features are extracted by
 ``agree.retrieval.extraction``, which imports model, dataset and Lightning code only when it
@@ -29,7 +31,15 @@ from agree.atomic import replace_as_set, staging_dir
 from agree.cli import freeze_imports, user_errors
 from agree.config import ensure_data, torch_flags
 from agree.console import quiet_libraries
-from agree.data.evaluation_files import OUTPUTS, RESULTS, EvaluationFiles, report_inputs, write_evaluation
+from agree.data.evaluation_files import (
+    OUTPUTS,
+    PROBE,
+    RESULTS,
+    EvaluationFiles,
+    report_inputs,
+    stage_results,
+    write_evaluation,
+)
 from agree.data.feature_cache import FeatureCache
 from agree.data.layout import ReleaseLayout, resolve_path
 from agree.data.npz_images import NpzImages
@@ -54,6 +64,7 @@ from agree.retrieval.extraction import jsonl_features, model_features
 from agree.retrieval.ground_truth import ground_truth
 from agree.retrieval.metrics import DIRECTIONS, recall_at_k, summarise
 from agree.retrieval.pipeline import RankInputs, rank_in_order
+from agree.retrieval.probe import SwapFeatures, swap_accuracy
 from agree.runfolder import RECORD, HydraRun, data_roots, output_folders
 from agree.settings import EvaluateSettings, evaluate_settings
 
@@ -70,6 +81,7 @@ class TestSet:
     positives: dict[str, torch.Tensor]  # per direction, padded item indices (see ground_truth)
     features: RankInputs
     report_inputs: dict | None = None  # see report_inputs()
+    swaps: SwapFeatures | None = None  # the binding probe's swapped captions
 
 
 def check_config(cfg: DictConfig) -> EvaluateSettings:
@@ -99,15 +111,23 @@ def load_test_set(
     texts, images = read_test_texts(texts_file), read_test_images(images_file)
     positives = ground_truth(texts, images, (texts_file, images_file))  # fails early on inconsistent ids
     inputs = report_inputs(texts_file, images_file, layout)
-    segs_file = None  # the entities of each caption: EGR on a model's features, or their count
+    segs_file = resolve_path(a.text_segs) if a.text_segs else layout and layout.test_text_segs
+    egr_segs = None  # the entities of each caption: EGR on a model's features, or their count
     if "egr" in cfg.rerank.stages and (not from_files or cfg.features.mask_padding):
-        segs_file = resolve_path(a.text_segs) if a.text_segs else layout.test_text_segs
+        egr_segs = segs_file
     if from_files:
-        segs = None if segs_file is None else read_text_segs(segs_file)
+        segs = None if egr_segs is None else read_text_segs(egr_segs)
         features = jsonl_features(cfg, texts, images, segs, cache or open_cache(settings))
         return TestSet(texts, images, positives, features, inputs)
-    features = model_inputs(cfg, texts, images, layout, segs_file, settings.model.pretrained, settings.device)
-    return TestSet(texts, images, positives, features, inputs)
+    # the binding probe encodes swapped captions: a model, and test entities (a segs file, given or present)
+    probe = cfg.probe and segs_file is not None and (a.text_segs or segs_file.is_file())
+    probe_segs = read_text_segs(segs_file) if probe else None
+    pretrained, device = settings.model.pretrained, settings.device
+    # the checked config: it holds every key's default (the test entity rule of the probe, rerank=none)
+    features, swaps = model_inputs(
+        settings.cfg, texts, images, layout, egr_segs, probe_segs, pretrained, device
+    )
+    return TestSet(texts, images, positives, features, inputs, swaps)
 
 
 def model_inputs(
@@ -116,12 +136,13 @@ def model_inputs(
     images: list[TestImage],
     layout: ReleaseLayout,
     segs_file: Path | None,
+    probe_segs: dict[str, list[str]] | None,
     pretrained: str | None,
     device: torch.device,
-) -> RankInputs:
+) -> tuple[RankInputs, SwapFeatures | None]:
     """Features from the model (``model_features``): with ``segs_file`` (EGR), the entity features
     of its lines, those some caption takes (``features.caption_entities``,
-    ``agree.retrieval.entity_rows``)."""
+    ``agree.retrieval.entity_rows``); with ``probe_segs``, the binding probe's swapped captions."""
     f = cfg.features
     entity_rows = None
     if segs_file is not None:
@@ -130,8 +151,8 @@ def model_inputs(
         t2i, i2t = match_rows([r.query_id for r in segs], [t.query_id for t in texts], positions, segs_file)
         lines, (t2i, i2t) = used_rows(t2i, i2t)
         entity_rows = segs_entity_texts([segs[i] for i in lines], texts, f.masked_text_source)
-    text_features, image_features, entities = model_features(
-        cfg, texts, images, entity_rows, layout, pretrained, device
+    text_features, image_features, entities, swaps = model_features(
+        cfg, texts, images, entity_rows, layout, pretrained, device, probe_segs
     )
     inputs = RankInputs(text_features, image_features)
     if entities is not None:
@@ -140,7 +161,7 @@ def model_inputs(
     if f.gallery_order == "files":  # the release lists the test images in the order of the npz's arrays
         keys = NpzImages(layout.images_npz("test"), layout.image_size).keys()
         inputs.image_order = listing_order(rows_by_id(keys, [im.image_id for im in images]))
-    return inputs
+    return inputs, swaps
 
 
 @torch_flags()
@@ -161,6 +182,9 @@ def evaluate(cfg: DictConfig, run: HydraRun | None = None) -> dict:
         if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
             return {}  # extraction over several processes: the first one ranks and writes
         lists, results = rank_and_score(settings, data)
+        if data.swaps is not None:
+            f = data.features
+            results[PROBE] = swap_accuracy(f.images, f.texts, data.swaps, data.positives["text_to_image"])
         out = staging_dir(target, "evaluate")  # the outputs replace an earlier evaluation's as a set
         ids = {"texts": [t.query_id for t in data.texts], "images": [im.image_id for im in data.images]}
         stored = stored_features(data, extracted=not settings.from_files)
@@ -208,7 +232,8 @@ def main(cfg: DictConfig) -> float | None:
         return None
     print(format_table(results))
     print(f"results: {EvaluationFiles(Path(cfg.output_dir)).results}")
-    return results[list(results)[-1]]["rsum"]
+    stages = stage_results(results)
+    return stages[list(stages)[-1]]["rsum"]
 
 
 if __name__ == "__main__":

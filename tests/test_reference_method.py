@@ -353,7 +353,7 @@ def test_empty_entity_slots_in_zero_shot_features(method, scenes):
     texts, images = read_test_texts(scenes.test_texts), read_test_images(scenes.test_images)
     segs = read_text_segs(scenes.test_text_segs)
     rows = [(t.text, segs[t.query_id]) for t in texts]
-    _, _, entities = model_features(cfg, texts, images, rows, scenes, None, torch.device("cpu"))
+    _, _, entities, _ = model_features(cfg, texts, images, rows, scenes, None, torch.device("cpu"))
     counts = torch.tensor([min(len(segs[t.query_id]), 10) for t in texts])
     assert (counts < 10).all()
     real = torch.arange(10)[None, :] < counts[:, None]
@@ -689,7 +689,7 @@ def test_row13_test_time_precision(method, scenes, monkeypatch):
     cfg = config("evaluate", f"method={method}", f"data.root={scenes.root}", "device=cpu")
     texts, images = read_test_texts(scenes.test_texts), read_test_images(scenes.test_images)
     cpu = torch.device("cpu")
-    ours_texts, ours_images, _ = model_features(cfg, texts, images, None, scenes, None, cpu)
+    ours_texts, ours_images, _, _ = model_features(cfg, texts, images, None, scenes, None, cpu)
     L.seed_everything(cfg.seed, verbose=False)  # the same random weights
     model = create_clip(cfg.model.name).eval()
     tokenizer = get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation)
@@ -1049,7 +1049,13 @@ def test_paper_presets_print_the_release_values(method):
         "compile": False,
     }  # mean and std: the openai tag's
     assert job["losses"] == dict(
-        clip=0.9, prompt=0.03, text_mask=0.1, vg_contrast=0.03, vg_mask=0.15, ground_mask=0.1
+        clip=0.9,
+        prompt=0.03,
+        text_mask=0.1,
+        vg_contrast=0.03,
+        vg_mask=0.15,
+        ground_mask=0.1,
+        swap_negatives=0.0,
     )
     optim = job["optim"]
     assert (optim["lr"], optim["weight_decay"], optim["warmup_steps"], optim["schedule_epochs"]) == (

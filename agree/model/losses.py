@@ -20,6 +20,18 @@ def _rank_share(n: int, big_n: int) -> float:
     return big_n / n
 
 
+def _candidates(rows: torch.Tensor, valid_all: torch.Tensor, keys_all: torch.Tensor | None) -> torch.Tensor:
+    """[S, n, N] bool: the candidates of the query ``rows`` (indices into the N gathered rows):
+    valid ones (valid_all: [S, N]) that are not another positive (keys_all: [S, N, K], a key
+    shared with the query; None: every valid row)."""
+    keep = valid_all[:, None, :].expand(-1, len(rows), -1)
+    if keys_all is not None:
+        same = (keys_all[:, rows, None, :] == keys_all[:, None, :, :]).any(-1)
+        cols = torch.arange(valid_all.shape[-1], device=rows.device)
+        keep = keep & (~same | (rows[:, None] == cols[None, :]))
+    return keep
+
+
 def _info_nce(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -39,13 +51,9 @@ def _info_nce(
     """
     n, big_n = a.shape[-2], a_all.shape[-2]
     rows = torch.arange(offset, offset + n, device=a.device)
-    cols = torch.arange(big_n, device=a.device)
     valid = valid_all[:, rows]  # [S, n]
-    keep = valid_all[:, None, :].expand(-1, n, -1)
-    if keys_all is not None:
-        same = (keys_all[:, rows, None, :] == keys_all[:, None, :, :]).any(-1)
-        keep = keep & (~same | (rows[:, None] == cols[None, :]))
-    keep = keep | ~valid[..., None]  # a padding query's terms (weight 0) stay finite
+    # a padding query's terms (weight 0) stay finite
+    keep = _candidates(rows, valid_all, keys_all) | ~valid[..., None]
     blocked = torch.zeros(keep.shape, device=a.device).masked_fill(~keep, float("-inf"))
     labels = rows.expand(valid.shape).reshape(-1)
     total = 0.0
@@ -120,6 +128,40 @@ def slot_contrastive_loss(
     )
     used = valid_all.any(0)
     return (per_slot * used).sum() / used.sum().clamp(min=1)
+
+
+def swap_negatives_loss(
+    image: torch.Tensor,
+    caption_all: torch.Tensor,
+    swap: torch.Tensor,
+    has_swap: torch.Tensor,
+    logit_scale: torch.Tensor,
+    offset: int = 0,
+    has_swap_all: torch.Tensor | None = None,
+    keys_all: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Image→text InfoNCE with a swapped caption among each image's negatives (NegCLIP).
+
+    image: [n, D] local image features; caption_all: [N, D] the captions of every rank (row
+    ``offset + i`` is image i's); swap: [n, D] image i's own swapped caption (rows without one
+    arbitrary); has_swap: [n] bool, the images that have a swap: only they are queries;
+    has_swap_all: [N] bool, the same for every rank (the count normalises; default has_swap);
+    keys_all: as ``contrastive_loss``. Image i scores its caption against every caption of the
+    global batch and its own swap. Returns the mean over the global batch's images with a swap
+    (times the rank's share), or 0 with a graph when there are none.
+    """
+    n, big_n = image.shape[0], caption_all.shape[0]
+    has_swap_all = has_swap if has_swap_all is None else has_swap_all
+    rows = torch.arange(offset, offset + n, device=image.device)
+    every = torch.ones(1, big_n, dtype=torch.bool, device=image.device)
+    keep = _candidates(rows, every, None if keys_all is None else keys_all.reshape(1, big_n, -1))[0]
+    blocked = torch.zeros(keep.shape, device=image.device).masked_fill(~keep, float("-inf"))
+    logits = logit_scale * image @ caption_all.T + blocked
+    own_swap = logit_scale * (image * swap).sum(-1, keepdim=True)
+    terms = F.cross_entropy(torch.cat([logits, own_swap], 1), rows, reduction="none")
+    # rows without a swap are masked, never indexed out: the same graph (and collectives) on every rank
+    total = torch.where(has_swap, terms, torch.zeros_like(terms)).sum()
+    return total / has_swap_all.sum().clamp(min=1) * _rank_share(n, big_n)
 
 
 def margin_ranking_loss(

@@ -1,5 +1,6 @@
 """Test-split features for an evaluation: from a model (in this process or several under DDP) or
-from the release's JSONL feature files, with each query's entity slots (prompts, masked captions).
+from the release's JSONL feature files, with each query's entity slots (prompts, masked captions)
+and, from a model, the swapped captions of the binding probe.
 
 Model, dataset and Lightning code is imported inside the functions that use it, so that an
 evaluation from feature files loads none of it.
@@ -17,10 +18,12 @@ from agree.data.feature_files import entity_slots
 from agree.data.layout import resolve_path
 from agree.data.npz_images import NpzImages
 from agree.data.records import TestImage, TestText
+from agree.data.swaps import draw_swaps
 from agree.errors import DataFormatError
 from agree.retrieval.entity_rows import listing_order, match_rows
 from agree.retrieval.features import extract, lightning_precision
 from agree.retrieval.pipeline import EntityFeatures, RankInputs
+from agree.retrieval.probe import SwapFeatures
 
 
 def entity_texts(
@@ -97,10 +100,13 @@ def model_features(
     layout,
     pretrained: str | None,
     device: torch.device,
+    probe_segs: dict[str, list[str]] | None = None,
 ):
-    """(text features, image features, entity features of ``entity_rows`` or None) from
-    ``cfg.model.name`` with the weights ``pretrained`` (a tag, a file or a checkpoint; None:
-    random) on ``device``. ``entity_rows``: (caption, entities) of each row of entity features."""
+    """(text features, image features, entity features of ``entity_rows`` or None, swap features
+    or None) from ``cfg.model.name`` with the weights ``pretrained`` (a tag, a file or a checkpoint;
+    None: random) on ``device`` (under DDP, ``cfg.devices`` processes, each on its own device).
+    ``entity_rows``: (caption, entities) of each row of entity features; ``probe_segs``: the test
+    entities of each query, whose swapped captions (the binding probe) are encoded too."""
     import lightning as L
 
     from agree.data.datasets import ImageArrays
@@ -130,6 +136,9 @@ def model_features(
         valid = slot_mask([len(prompts) for prompts, _ in per_query], e.max_entities)
         for which, desc in ((0, "entity prompts"), (1, "masked captions")):
             passes[desc] = [text for query in per_query for text in query[which]]  # only real slots
+    swap_rows, swapped = swapped_captions(cfg, texts, probe_segs) if probe_segs is not None else ([], [])
+    if swap_rows:
+        passes["swapped captions"] = swapped
     if cfg.devices > 1:
         features = _predicted(cfg, model, tokenizer, device, passes)
     else:
@@ -139,10 +148,22 @@ def model_features(
             desc: encode_texts(data, desc) if isinstance(data, list) else encode_images(data, desc)
             for desc, data in passes.items()
         }
+    swaps = SwapFeatures(features["swapped captions"], torch.tensor(swap_rows)) if swap_rows else None
     if entity_rows is None:
-        return features["texts"], features["images"], None
+        return features["texts"], features["images"], None, swaps
     prompts, masks = (scatter_slots(features[desc], valid) for desc in ("entity prompts", "masked captions"))
-    return features["texts"], features["images"], EntityFeatures(prompts, masks, valid)
+    return features["texts"], features["images"], EntityFeatures(prompts, masks, valid), swaps
+
+
+def swapped_captions(cfg: DictConfig, texts: list[TestText], segs: dict) -> tuple[list[int], list[str]]:
+    """(rows, swapped captions) of the test captions that have a swap (``draw_swaps`` with
+    ``cfg.seed``) over their test entities (the first ``rerank.max_entities`` of at most
+    ``rerank.max_entity_words`` words)."""
+    e = cfg.rerank
+    entities = [kept_entities(segs.get(t.query_id, []), e.max_entity_words, e.max_entities) for t in texts]
+    swaps = draw_swaps([t.text for t in texts], entities, cfg.seed)
+    rows = [i for i, swap in enumerate(swaps) if swap is not None]
+    return rows, [swaps[i] for i in rows]
 
 
 def _in_order(ids: list[str], wanted: list[str], path, what: str) -> np.ndarray | slice:
