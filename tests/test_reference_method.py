@@ -706,15 +706,15 @@ def test_row13_test_time_precision(method, scenes, monkeypatch):
     # several processes: Lightning's predict loop runs at the same precision
     captured = {}
 
-    def predict(model, encode, dataset, batch_size, trainer, workers=0):
+    def predict(model, jobs, batch_size, trainer):
         captured.update(trainer)
         one = {**trainer, "devices": 1, "strategy": "auto"}  # the same loop in this process
-        return predict_features(model, encode, dataset, batch_size, one, workers)
+        return predict_features(model, jobs, batch_size, one)
 
     monkeypatch.setattr(predict_module, "predict_features", predict)
     cfg = config("evaluate", f"method={method}", f"data.root={scenes.root}", "device=cpu", "devices=2")
-    _, encode_texts = extraction_module._extractors(cfg, model, tokenizer, cpu)
-    several = encode_texts([t.text for t in texts], "texts")
+    passes = {"texts": [t.text for t in texts]}
+    several = extraction_module._predicted(cfg, model, tokenizer, cpu, passes)["texts"]
     assert captured["precision"] == ("32-true" if method == "reference" else "bf16-mixed")
     gap = (several - release_texts).abs().max().item()
     assert gap < 1e-5 if method == "reference" else 1e-4 < gap < 0.1
