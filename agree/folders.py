@@ -5,7 +5,7 @@ the tool and its settings. A tool writes only into a folder that is missing, emp
 itself with the same settings; ``python -m agree.folders remove=[PATH,...]`` (``make clean``)
 deletes the given folders that carry a marker and keeps every other one.
 
-    python -m agree.folders 'remove=[outputs/demo,data/scenes-64px-seed0-train1200]'
+    python -m agree.folders 'remove=[outputs/demo,data/scenes-binding-64px-seed0-train1200]'
 """
 
 from __future__ import annotations

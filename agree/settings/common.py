@@ -12,7 +12,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from agree.config import data_layout, generated, resolve_device, scene_config
 from agree.data.layout import ReleaseLayout, resolve_path
-from agree.data.synthetic import OWNER
+from agree.data.synthetic import OWNER, REGIMES
 from agree.errors import ConfigError
 from agree.folders import check_claim
 
@@ -134,6 +134,8 @@ def check_data_values(cfg: DictConfig) -> None:
     if cfg.data.synthetic is not None:
         for key in ("train_images", "val_images", "test_images", "captions_per_image", "min_objects"):
             at_least(cfg, f"data.synthetic.{key}", 1)
+        regime = cfg.data.synthetic.regime
+        require(regime in REGIMES, "data.synthetic.regime", regime, f"choose one of {list(REGIMES)}")
 
 
 def require_file(path: Path, key: str, value: object, what_to_do: str) -> None:
