@@ -74,6 +74,7 @@ class LossOptions:
     margin: float = 0.0
     skip_duplicate_negatives: bool = True
     margin_gradient: bool = True
+    margin_reduction: str = "sum"  # sum | mean
 
 
 @dataclass

@@ -144,6 +144,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         grad_checkpointing=c.model.grad_checkpointing,
         compile=c.model.compile,
         fused_adamw=c.optim.fused,
+        margin_reduction=c.loss_options.margin_reduction,
     )
     trainer_args = settings.trainer
     logger = build_logger(cfg, keep_rows=state.get("history_rows", 0))

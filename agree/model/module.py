@@ -75,10 +75,12 @@ def agree_losses(
     margin: float = 0.0,
     skip_duplicate_negatives: bool = True,
     margin_gradient: bool = True,
+    margin_reduction: str = "sum",
 ) -> dict[str, torch.Tensor]:
     """Each enabled loss (weight > 0), unweighted, for one batch of ``CollateTrain``.
 
-    ``margin_gradient=False`` reproduces the release's margin losses, which train nothing.
+    ``margin_gradient=False`` reproduces the release's margin losses, which train nothing;
+    ``margin_reduction``: ``sum`` (the release) or ``mean`` of the margin losses over their pairs.
 
     All image variants go through the image tower in one call and all text variants
     (captions, entity prompts, masked captions, VG prompts) through the text tower in one call.
@@ -88,7 +90,9 @@ def agree_losses(
     images = {part: batch[key] for part, key in IMAGE_PARTS.items() if part == "image" or part in parts}
     texts = {part: batch[key] for part, key in TEXT_PARTS.items() if part == "caption" or part in parts}
     f = {**_encode_parts(encode_image, model, images), **_encode_parts(encode_text, model, texts)}
-    shared = LossBatch(f, batch, model.logit_scale.exp(), margin, skip_duplicate_negatives, margin_gradient)
+    shared = LossBatch(
+        f, batch, model.logit_scale.exp(), margin, skip_duplicate_negatives, margin_gradient, margin_reduction
+    )
     return {name: LOSSES[name].compute(shared) for name in on}
 
 
@@ -113,6 +117,7 @@ class AgreeModule(L.LightningModule):
         grad_checkpointing: bool = False,
         compile: bool = False,
         fused_adamw: bool | None = None,
+        margin_reduction: str = "sum",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -127,7 +132,13 @@ class AgreeModule(L.LightningModule):
         """Each enabled loss, unweighted."""
         hp = self.hparams
         return agree_losses(
-            self.model, batch, self.loss_weights, hp.margin, hp.skip_duplicate_negatives, hp.margin_gradient
+            self.model,
+            batch,
+            self.loss_weights,
+            hp.margin,
+            hp.skip_duplicate_negatives,
+            hp.margin_gradient,
+            hp.margin_reduction,
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
