@@ -295,7 +295,7 @@ def fine_tune(grid: Grid, run: Run) -> dict:
         return record
     shutil.rmtree(out / "train", ignore_errors=True)  # an interrupted run's last.ckpt would be reused
     paths = grid.data_paths(run.regime, run.seed, run.size)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     metrics, _ = train(compose("train", [*params["train"], *paths, f"output_dir={out / 'train'}"]))
     seconds = time.perf_counter() - start
     if "val/rsum" not in metrics:
@@ -313,6 +313,7 @@ def fine_tune(grid: Grid, run: Run) -> dict:
         "probe": test.get("probe"),
         "steps": len(next(iter(curves.values()), [])),
         "train_seconds": seconds,
+        "cpu_seconds": time.process_time() - cpu,  # training and test, every thread: a load-free cost
         "train_curves": curves,
     }
     write_json(out / "record.json", record)

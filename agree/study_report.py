@@ -380,7 +380,8 @@ def results_page(study: dict, meta: dict, figures: dict[str, str]) -> str:
         f"- machine: {meta['machine']}",
         f"- wall time: {meta['wall_seconds'] / 60:.1f} min for this invocation (records already under "
         f"`output_dir` with the same parameters are reused); fine-tuning runs: "
-        f"{sum(r['train_seconds'] for r in runs) / 60:.1f} min in all, {len(runs)} runs",
+        f"{sum(r['train_seconds'] for r in runs) / 60:.1f} min in all, {len(runs)} runs "
+        f"({sum(r['cpu_seconds'] for r in runs) / 60:.1f} CPU-min with their test evaluations)",
         f"- data: the embedded scenes, regimes {', '.join(plan['regimes'])}; "
         f"{', '.join(map(str, plan['sizes']))} training images, {plan['val_images']} validation, "
         f"{plan['test_images']} test images (chance RSUM {study['chance_rsum']:.1f}); each run about "

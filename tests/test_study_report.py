@@ -31,6 +31,7 @@ def record(run: Run, shift: float, val: float = 100.0, probe: float = 0.5) -> di
         "probe": {"swap_accuracy": probe, "n": 10},
         "steps": 3,
         "train_seconds": 10.0,
+        "cpu_seconds": 15.0,
         "train_curves": {"clip": [3.0, 2.5, 2.0], "text_mask": [0.0, 0.0, 0.0]},
     }
 
