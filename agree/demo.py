@@ -8,11 +8,12 @@
 3. the fine-tuned model on the test split, raw search and TBR (k = 10);
 4. the report of the fine-tuned evaluation (``OUT_DIR/fine_tuned/report.html``).
 
-Prints one table in the paper's layout and writes it as ``OUT_DIR/summary.json`` (see
-``agree.summary``), ``OUT_DIR`` being ``output_dir``. Every other ``key=value`` argument is an
-override of ``agree.train``'s config (``data.synthetic.train_images=100``,
-``trainer.max_epochs=2``; see ``agree.cli``); those of ``model``, ``data`` and ``seed`` also
-apply to the evaluations. An override Hydra cannot apply stops the demo before it writes anything.
+Prints one table in the paper's layout, with the binding probe's swap accuracy, and writes it as
+``OUT_DIR/summary.json`` (see ``agree.summary``), ``OUT_DIR`` being ``output_dir``. Every other
+``key=value`` argument is an override of ``agree.train``'s config
+(``data.synthetic.train_images=100``, ``trainer.max_epochs=2``; see ``agree.cli``); those of
+``model``, ``data`` and ``seed`` also apply to the evaluations. An override Hydra cannot apply
+stops the demo before it writes anything.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hydra import compose, initialize_config_module
 from agree.atomic import write_json
 from agree.cli import run_command
 from agree.config import merge_overrides
+from agree.data.evaluation_files import PROBE
 from agree.evaluate import evaluate
 from agree.folders import claim
 from agree.report import write_report
@@ -82,9 +84,13 @@ def run(out_dir: Path, overrides: list[str]) -> tuple[list[dict], float]:
         chance = chance_rsum(scenes.test_images, scenes.captions_per_image)
         train(train_cfg)
         tuned = evaluate(tuned_cfg)
-    rows = [summary_row("zero-shot", "none", stage, block) for stage, block in zero_shot_stages(zero).items()]
+    probe = zero["tbr"].get(PROBE)  # every zero-shot run evaluates the same model
+    rows = [
+        summary_row("zero-shot", "none", stage, block, probe)
+        for stage, block in zero_shot_stages(zero).items()
+    ]
     return rows + [
-        summary_row("fine-tuned", "agree", stage, tuned[stage]) for stage in ("raw", "tbr")
+        summary_row("fine-tuned", "agree", stage, tuned[stage], tuned.get(PROBE)) for stage in ("raw", "tbr")
     ], chance
 
 

@@ -8,6 +8,8 @@ store), ``predictions/`` (reference JSONL per stage and direction), ``evaluation
 evaluation JSON per stage and direction), ``results.json`` and ``report_inputs.json`` (where
 ``agree.report`` finds the annotations and test images). They are written into a hidden staging
 folder first and replace an earlier evaluation's outputs as a set (``agree.atomic.replace_as_set``).
+With test entities (the segs file) and a model, ``results.json`` also holds the binding probe
+(``agree.retrieval.probe``).
 
 The output files are described in ``agree.data.evaluation_files``; features are extracted by
 ``agree.retrieval.extraction``, which imports model, dataset and Lightning code only when it
@@ -26,7 +28,15 @@ from omegaconf import DictConfig
 from agree.atomic import replace_as_set, staging_dir
 from agree.cli import freeze_imports, user_errors
 from agree.config import ensure_data
-from agree.data.evaluation_files import OUTPUTS, RESULTS, EvaluationFiles, report_inputs, write_evaluation
+from agree.data.evaluation_files import (
+    OUTPUTS,
+    PROBE,
+    RESULTS,
+    EvaluationFiles,
+    report_inputs,
+    stage_results,
+    write_evaluation,
+)
 from agree.data.layout import resolve_path
 from agree.data.records import TestImage, TestText, read_test_images, read_test_texts, read_text_segs
 from agree.folders import check_entries, claim_entries
@@ -35,6 +45,7 @@ from agree.retrieval.extraction import jsonl_features, model_features
 from agree.retrieval.ground_truth import ground_truth
 from agree.retrieval.metrics import DIRECTIONS, recall_at_k, summarise
 from agree.retrieval.pipeline import EntityFeatures, rank_stages
+from agree.retrieval.probe import SwapFeatures, swap_accuracy
 from agree.settings import EvaluateSettings, evaluate_settings
 
 
@@ -48,6 +59,7 @@ class TestSet:
     text_features: torch.Tensor
     image_features: torch.Tensor
     entities: EntityFeatures | None = None
+    swaps: SwapFeatures | None = None  # the binding probe's swapped captions
     report_inputs: dict | None = None  # see report_inputs()
 
 
@@ -67,13 +79,19 @@ def load_test_set(cfg: DictConfig, settings: EvaluateSettings | None = None) -> 
     texts, images = read_test_texts(texts_file), read_test_images(images_file)
     positives = ground_truth(texts, images, (texts_file, images_file))  # fails early on inconsistent ids
     inputs = report_inputs(texts_file, images_file, layout)
+    segs_file = resolve_path(a.text_segs) if a.text_segs else layout and layout.test_text_segs
+    egr = "egr" in cfg.rerank.stages
+    # the probe encodes swapped captions: a model, and test entities (a segs file, given or present)
+    probe = cfg.probe and not from_files and segs_file is not None and (a.text_segs or segs_file.is_file())
     segs = None
-    if "egr" in cfg.rerank.stages and (not from_files or cfg.features.mask_padding):
-        segs = read_text_segs(resolve_path(a.text_segs) if a.text_segs else layout.test_text_segs)
+    if egr and (not from_files or cfg.features.mask_padding) or probe:
+        segs = read_text_segs(segs_file)
     if from_files:
         features = jsonl_features(cfg, texts, images, segs)
         return TestSet(texts, images, positives, *features, report_inputs=inputs)
-    features = model_features(cfg, texts, images, segs, layout, settings.model.pretrained, settings.device)
+    pretrained, device = settings.model.pretrained, settings.device
+    # the checked config: it holds every key's default (the test entity rule of the probe, rerank=none)
+    features = model_features(settings.cfg, texts, images, segs, layout, pretrained, device, egr, probe)
     return TestSet(texts, images, positives, *features, report_inputs=inputs)
 
 
@@ -86,6 +104,10 @@ def evaluate(cfg: DictConfig) -> dict:
     if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
         return {}  # extraction over several processes: the first one ranks and writes
     lists, results = rank_and_score(settings, data)
+    if data.swaps is not None:
+        results[PROBE] = swap_accuracy(
+            data.image_features, data.text_features, data.swaps, data.positives["text_to_image"]
+        )
     claim_entries(target, "evaluate", OUTPUTS)
     out = staging_dir(target, "evaluate")  # the outputs replace an earlier evaluation's as a set
     ids = {"texts": [t.query_id for t in data.texts], "images": [im.image_id for im in data.images]}
@@ -142,7 +164,8 @@ def main(cfg: DictConfig) -> float | None:
         return None
     print(format_table(results))
     print(f"results: {EvaluationFiles(Path(cfg.output_dir)).results}")
-    return results[list(results)[-1]]["rsum"]
+    stages = stage_results(results)
+    return stages[list(stages)[-1]]["rsum"]
 
 
 if __name__ == "__main__":

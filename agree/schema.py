@@ -193,6 +193,7 @@ class EvaluateConfig:
     batch_size: int = 128
     devices: int = 1
     device: str = "auto"
+    probe: bool = True  # the binding probe (agree.retrieval.probe), where test entities exist
     method: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,4 +1,5 @@
-"""Rows of the paper's results table: model, losses, stage, recalls per direction, RSUM."""
+"""Rows of the paper's results table: model, losses, stage, recalls per direction, RSUM, and the
+binding probe's swap accuracy (``None`` where the evaluation had none)."""
 
 from __future__ import annotations
 
@@ -20,26 +21,31 @@ def zero_shot_stages(results: dict[str, dict]) -> dict[str, dict]:
     return {"raw": tbr["raw"], "egr": egr_tbr["egr"], "tbr": tbr["tbr"], "egr_tbr": egr_tbr["tbr"]}
 
 
-def summary_row(model: str, losses: str, stage: str, block: dict) -> dict:
-    """One row from a ``results.json`` stage block (``{"text_to_image": {...}, ..., "rsum"}``)."""
+def summary_row(model: str, losses: str, stage: str, block: dict, probe: dict | None = None) -> dict:
+    """One row from a ``results.json`` stage block (``{"text_to_image": {...}, ..., "rsum"}``) and
+    its ``"probe"`` (the model's, the same for every stage)."""
     return {
         "model": model,
         "losses": losses,
         "stage": stage,
         **{d: {k: float(block[d][k]) for k in RECALLS} for d in DIRECTIONS},
         "rsum": float(block["rsum"]),
+        "swap_accuracy": None if probe is None else float(probe["swap_accuracy"]),
     }
 
 
 def format_summary(rows: list[dict]) -> str:
-    """A plain-text table: I→T R@1/5/10, T→I R@1/5/10, RSUM per row."""
+    """A plain-text table: I→T R@1/5/10, T→I R@1/5/10, RSUM, swap accuracy (%, ``-``: none) per row."""
     head = f"{'model':<11}{'losses':<8}{'stage':<9}" + "".join(
         f"{f'{SHORT[d]} R@{k}':>10}" for d in DIRECTIONS for k in (1, 5, 10)
     )
-    lines = [head + f"{'RSUM':>8}"]
+    lines = [head + f"{'RSUM':>8}{'SWAP':>7}"]
     for row in rows:
         recalls = "".join(f"{row[d][k]:>10.1f}" for d in DIRECTIONS for k in ("r1", "r5", "r10"))
-        lines.append(f"{row['model']:<11}{row['losses']:<8}{row['stage']:<9}{recalls}{row['rsum']:>8.1f}")
+        swap = "-" if row.get("swap_accuracy") is None else f"{100 * row['swap_accuracy']:.1f}"
+        lines.append(
+            f"{row['model']:<11}{row['losses']:<8}{row['stage']:<9}{recalls}{row['rsum']:>8.1f}{swap:>7}"
+        )
     return "\n".join(lines)
 
 

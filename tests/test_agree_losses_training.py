@@ -18,7 +18,7 @@ from agree.model.module import agree_losses
 from agree.model.registry import inputs_for
 from agree.model.tokenizer import get_tokenizer
 
-WEIGHTS = loss_weights_preset("agree")
+WEIGHTS = {**loss_weights_preset("agree"), "swap_negatives": 0.5}  # every loss on
 ENTITY_LOSSES = [name for name in WEIGHTS if name != "clip"]
 MARGIN_LOSSES = ["text_mask", "vg_mask", "ground_mask"]
 

@@ -126,6 +126,7 @@ def test_trainer_arguments_are_the_configs_and_the_extra_ones(tmp_path):
         "vg_contrast": 0.0,
         "vg_mask": 0.0,
         "ground_mask": 0.0,
+        "swap_negatives": 0.0,
     }
     assert settings.model.image_size == 64 and settings.layout.root == tmp_path / "scenes"
     assert not (tmp_path / "run").exists() and not (tmp_path / "scenes").exists()

@@ -29,13 +29,25 @@ def test_demo_writes_the_paper_table(tmp_path, capsys):
         ("fine-tuned", "agree", "tbr"),
     ]
     for row in rows:
-        assert set(row) == {"model", "losses", "stage", "text_to_image", "image_to_text", "rsum"}
+        assert set(row) == {
+            "model",
+            "losses",
+            "stage",
+            "text_to_image",
+            "image_to_text",
+            "rsum",
+            "swap_accuracy",
+        }
         for direction in ("text_to_image", "image_to_text"):
             assert set(row[direction]) == {"r1", "r5", "r10", "mean_recall"}
         recalls = [row[d][k] for d in ("text_to_image", "image_to_text") for k in ("r1", "r5", "r10")]
         assert abs(sum(recalls) - row["rsum"]) < 1e-3
     printed = capsys.readouterr().out
-    assert "I2T R@1" in printed and "egr_tbr" in printed
+    assert "I2T R@1" in printed and "egr_tbr" in printed and "SWAP" in printed
     assert (out / "fine_tuned" / "report.html").is_file()
     zero_shot = json.loads((out / "zero_shot" / "egr_tbr" / "results.json").read_text())
     assert rows[1]["rsum"] == zero_shot["egr"]["rsum"] and rows[3]["rsum"] == zero_shot["tbr"]["rsum"]
+    # the binding probe: the zero-shot model's on its rows, the fine-tuned model's on its own
+    tuned = json.loads((out / "fine_tuned" / "results.json").read_text())
+    probes = [zero_shot["probe"]["swap_accuracy"]] * 4 + [tuned["probe"]["swap_accuracy"]] * 2
+    assert [r["swap_accuracy"] for r in rows] == probes

@@ -282,7 +282,7 @@ def test_empty_entity_slots_in_zero_shot_features(method, scenes):
     cfg = config("evaluate", f"method={method}", "rerank=egr", f"data.root={scenes.root}", "device=cpu")
     texts, images = read_test_texts(scenes.test_texts), read_test_images(scenes.test_images)
     segs = read_text_segs(scenes.test_text_segs)
-    _, _, entities = model_features(cfg, texts, images, segs, scenes, None, torch.device("cpu"))
+    _, _, entities, _ = model_features(cfg, texts, images, segs, scenes, None, torch.device("cpu"))
     counts = torch.tensor([min(len(segs[t.query_id]), 10) for t in texts])
     assert (counts < 10).all()
     real = torch.arange(10)[None, :] < counts[:, None]
@@ -609,7 +609,13 @@ def test_paper_presets_print_the_release_values(method):
         "compile": False,
     }  # mean and std: the openai tag's
     assert job["losses"] == dict(
-        clip=0.9, prompt=0.03, text_mask=0.1, vg_contrast=0.03, vg_mask=0.15, ground_mask=0.1
+        clip=0.9,
+        prompt=0.03,
+        text_mask=0.1,
+        vg_contrast=0.03,
+        vg_mask=0.15,
+        ground_mask=0.1,
+        swap_negatives=0.0,
     )
     optim = job["optim"]
     assert (optim["lr"], optim["weight_decay"], optim["warmup_steps"], optim["schedule_epochs"]) == (

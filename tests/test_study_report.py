@@ -261,5 +261,13 @@ def test_demo_problems_name_what_failed():
     assert "under 3.0 x chance" in demo_problems(rows, chance=10.0)[0]
     worse = [rows[0], summary_row("fine-tuned", "agree", "raw", block(-101))]
     assert "not above zero-shot" in demo_problems(worse, chance=5.0)[0]
-    assert set(rows[0]) == {"model", "losses", "stage", "text_to_image", "image_to_text", "rsum"}
+    assert set(rows[0]) == {
+        "model",
+        "losses",
+        "stage",
+        "text_to_image",
+        "image_to_text",
+        "rsum",
+        "swap_accuracy",
+    }
     assert set(rows[0]["text_to_image"]) == {"r1", "r5", "r10", "mean_recall"}

@@ -14,6 +14,7 @@ from agree.data.entities import PROMPT_TEMPLATE, kept_entities, slot_mask
 from agree.data.npz_images import NpzImages
 from agree.data.pixels import black
 from agree.data.records import NO_GROUNDING_LABEL, TrainRecord, ValRecord
+from agree.data.swaps import swapped_caption
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -101,8 +102,11 @@ class TrainCaptions(Dataset):
     kept. Without a VG object for the image (or a grounded entity), the sample's own image and
     caption stand in, with a random square (32 px at 224, ``fallback_mask`` style) as the mask.
 
+    With ``swaps`` needed, an item carries its caption with two entities' attributes or spans
+    exchanged (``agree.data.swaps``), or None when it has fewer than two entities.
+
     Items are looked up by index or by ``(index, epoch)`` (``datamodule.EpochSampler``); the
-    random draws (VG image, square) come from ``item_generator(seed, epoch, index)``, so a
+    random draws (VG image, square, swap) come from ``item_generator(seed, epoch, index)``, so a
     resumed run draws what an uninterrupted one would.
     """
 
@@ -181,6 +185,8 @@ class TrainCaptions(Dataset):
                 if label is None
                 else torch.from_numpy(self.sources.grounding[f"{record.flickr_id}_{label}"]).float()
             )
+        if "swaps" in self.needs:  # drawn last: the other draws are those of a run without swaps
+            item["swap"] = swapped_caption(record.caption, self.entities(record), generator)
         return item
 
 
@@ -276,6 +282,10 @@ class CollateTrain:
         for name in ("vg_masked", "ground_masked"):
             if name in items[0]:
                 batch[f"{name}_images"] = torch.stack([it[name] for it in items])
+        if "swap" in items[0]:  # only real swaps are tokenized; swap_valid marks whose they are
+            swaps = [it["swap"] for it in items if it["swap"] is not None]
+            batch["swap_valid"] = torch.tensor([it["swap"] is not None for it in items])
+            batch["swap_captions"] = self.tokenizer(swaps) if swaps else batch["captions"][:0]
         return batch
 
 

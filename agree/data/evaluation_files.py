@@ -6,7 +6,8 @@ and evaluation JSON, and where the report finds the annotations and test images.
     predictions/          {stage}_{direction}.jsonl, the release's prediction lines
     evaluation/           {stage}_{direction}.json, the release's evaluation files
     report_inputs.json    see ``report_inputs``
-    results.json          recalls per stage and direction; written last, it marks a finished evaluation
+    results.json          recalls per stage and direction, and the binding probe ("probe", when
+                          the test captions have entities); written last, it marks a finished evaluation
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from agree.errors import DataFormatError
 
 FEATURES, PREDICTIONS, EVALUATION = "features", "predictions", "evaluation"
 REPORT_INPUTS, RESULTS = "report_inputs.json", "results.json"
+PROBE = "probe"  # results.json's key of the binding probe, beside the stages
 OUTPUTS = (FEATURES, PREDICTIONS, EVALUATION, REPORT_INPUTS, RESULTS)  # replaced as a set, RESULTS last
 # the feature store's entries: texts and images, then the entity slots of each text query
 FEATURE_NAMES = ("texts", "images", "entity_prompts", "entity_masks", "entity_valid")
@@ -59,6 +61,11 @@ class EvaluationFiles:
         return self.root / RESULTS
 
 
+def stage_results(results: dict) -> dict:
+    """The stage blocks of ``results.json`` (``raw``, ``egr``, ``tbr``, in order), the probe left out."""
+    return {stage: block for stage, block in results.items() if stage != PROBE}
+
+
 def report_inputs(texts_file: Path, images_file: Path, layout: ReleaseLayout | None) -> dict:
     """Where ``agree.report`` finds the ground truth and the test images (absolute paths; no npz: None)."""
     npz = layout.images_npz("test") if layout is not None else None
@@ -85,7 +92,7 @@ def write_evaluation(
     ``ids``: ``"texts"`` (query ids) and ``"images"`` (image ids), in annotation order;
     ``features``: store entries by name (``FEATURE_NAMES``), one row per query or image;
     ``lists``: per stage and direction, ranked item indices [Q, k] (-1: none; ``.tolist()``);
-    ``results``: per stage and direction the recalls, and ``"rsum"``.
+    ``results``: per stage and direction the recalls, and ``"rsum"``; ``"probe"``: see ``agree.evaluate``.
     """
     for name, rows in features.items():
         save_features(files.features, name, ids["images" if name == "images" else "texts"], rows)

@@ -20,6 +20,20 @@ def _rank_share(n: int, big_n: int) -> float:
     return big_n / n
 
 
+def _blocked_candidates(
+    rows: torch.Tensor, valid_all: torch.Tensor, keys_all: torch.Tensor | None
+) -> torch.Tensor:
+    """[n, N] logit offsets: 0 for the candidates of query rows ``rows`` (indices into the N
+    gathered rows), -inf for padding and for another positive (a key shared with the query)."""
+    big_n = len(valid_all)
+    keep = valid_all[None, :].expand(len(rows), big_n)
+    if keys_all is not None:
+        keys_all = keys_all.reshape(big_n, -1)
+        same = (keys_all[rows][:, None, :] == keys_all[None, :, :]).any(-1)
+        keep = keep & (~same | (rows[:, None] == torch.arange(big_n, device=rows.device)[None, :]))
+    return torch.zeros(keep.shape, device=rows.device).masked_fill(~keep, float("-inf"))
+
+
 def contrastive_loss(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -46,12 +60,7 @@ def contrastive_loss(
     rows = torch.arange(offset, offset + n, device=a.device)
     if valid_all is None:
         valid_all = torch.ones(big_n, dtype=torch.bool, device=a.device)
-    keep = valid_all[None, :].expand(n, big_n)
-    if keys_all is not None:
-        keys_all = keys_all.reshape(big_n, -1)
-        same = (keys_all[rows][:, None, :] == keys_all[None, :, :]).any(-1)
-        keep = keep & (~same | (rows[:, None] == torch.arange(big_n, device=a.device)[None, :]))
-    blocked = torch.zeros(n, big_n, device=a.device).masked_fill(~keep, float("-inf"))
+    blocked = _blocked_candidates(rows, valid_all, keys_all)
     valid = valid_all[rows]
     count = valid_all.sum()
     if not valid.any():
@@ -99,6 +108,40 @@ def slot_contrastive_loss(
         for j in used
     ]
     return torch.stack(losses).mean()
+
+
+def swap_negatives_loss(
+    image: torch.Tensor,
+    caption_all: torch.Tensor,
+    swap: torch.Tensor,
+    has_swap: torch.Tensor,
+    logit_scale: torch.Tensor,
+    offset: int = 0,
+    has_swap_all: torch.Tensor | None = None,
+    keys_all: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Image→text InfoNCE with a swapped caption among each image's negatives (NegCLIP).
+
+    image: [n, D] local image features; caption_all: [N, D] the captions of every rank (row
+    ``offset + i`` is image i's); swap: [n, D] image i's own swapped caption (rows without one
+    arbitrary); has_swap: [n] bool, the images that have a swap: only they are queries;
+    has_swap_all: [N] bool, the same for every rank (the count normalises; default has_swap);
+    keys_all: as ``contrastive_loss``. Image i scores its caption against every caption of the
+    global batch and its own swap. Returns the mean over the global batch's images with a swap
+    (times the rank's share), or 0 with a graph when there are none.
+    """
+    n, big_n = image.shape[0], caption_all.shape[0]
+    has_swap_all = has_swap if has_swap_all is None else has_swap_all
+    count = has_swap_all.sum()
+    if not has_swap.any():
+        return (image.sum() + swap.sum() + caption_all.sum()) * 0.0
+    rows = torch.arange(offset, offset + n, device=image.device)
+    every = torch.ones(big_n, dtype=torch.bool, device=image.device)
+    logits = logit_scale * image @ caption_all.T + _blocked_candidates(rows, every, keys_all)
+    own_swap = logit_scale * (image * swap).sum(-1, keepdim=True)
+    logits = torch.cat([logits, own_swap], 1)[has_swap]
+    total = F.cross_entropy(logits, rows[has_swap], reduction="sum")
+    return total / count * _rank_share(n, big_n)
 
 
 def margin_ranking_loss(

@@ -1,9 +1,10 @@
-"""The AGREE losses, one entry each: name -> batch inputs -> release files -> how it is computed.
+"""The fine-tuning losses (AGREE's six and the swap negatives), one entry each: name -> batch
+inputs -> release files -> how it is computed.
 
 Every other place that knows the losses reads this table: training (``inputs_for``: what the
 datasets load), the config checks (``loss_weights``, ``loss_files``), ``module.agree_losses``
 (which features to encode, and each loss's value), the study and the ablation sweep (a test holds
-``conf/experiment/ablation.yaml``'s list equal to ``LOSSES``). It imports only torch, the pure
+``conf/experiment/ablation.yaml``'s list equal to ``PAPER_LOSSES``). It imports only torch, the pure
 loss functions and the slot scatter: no Lightning or open_clip code.
 """
 
@@ -46,6 +47,7 @@ TEXT_PARTS = {
     "vg_prompt": "vg_prompts",
     "prompt": "prompts",
     "masked": "masked_captions",
+    "swap": "swap_captions",
 }
 
 
@@ -89,6 +91,11 @@ class LossBatch:
         return gather_rows(torch.stack(ids, -1), with_grad=False)[0]
 
     @cached_property
+    def pair_keys(self) -> torch.Tensor | None:
+        """The gathered (image, caption) ids of the image-caption pairs (see ``keys``)."""
+        return self.keys(self.batch["image_keys"], self.batch["caption_keys"])
+
+    @cached_property
     def valid_all(self) -> torch.Tensor:
         """[global B, slots] bool: the used entity slots of every rank."""
         return gather_rows(self.batch["entity_valid"], with_grad=False)[0]
@@ -113,9 +120,8 @@ class LossBatch:
 
 
 def _clip(b: LossBatch) -> torch.Tensor:
-    pair_keys = b.keys(b.batch["image_keys"], b.batch["caption_keys"])
     return losses.contrastive_loss(
-        b.f["image"], b.f["caption"], b.scale, b.image_all, b.caption_all, b.offset, None, pair_keys
+        b.f["image"], b.f["caption"], b.scale, b.image_all, b.caption_all, b.offset, None, b.pair_keys
     )
 
 
@@ -158,15 +164,28 @@ def _ground_mask(b: LossBatch) -> torch.Tensor:
     return b.margin_loss(b.positive, (b.f["ground_masked"] * b.f["caption"]).sum(-1))
 
 
+def _swap_negatives(b: LossBatch) -> torch.Tensor:
+    has_swap = b.batch["swap_valid"]
+    swap = scatter_slots(b.f["swap"], has_swap[:, None])[:, 0]  # each image's own swap, 0 without one
+    # a swap is a negative of its own image only, which is local: the features stay on their rank,
+    # the mask is gathered for the global count
+    has_swap_all, _ = gather_rows(has_swap, with_grad=False)
+    return losses.swap_negatives_loss(
+        b.f["image"], b.caption_all, swap, has_swap, b.scale, b.offset, has_swap_all, b.pair_keys
+    )
+
+
 @dataclass(frozen=True)
 class Loss:
     """One AGREE loss: the entity inputs its batches carry beyond images and captions (the
     dataset loads them, and their files must exist), the feature parts it needs encoded
-    (``IMAGE_PARTS``/``TEXT_PARTS``) and its unweighted value for one batch."""
+    (``IMAGE_PARTS``/``TEXT_PARTS``), its unweighted value for one batch, and whether it is one of
+    the paper's (``losses=agree`` turns those on; the ablation drops them one at a time)."""
 
     inputs: frozenset[str]
     parts: frozenset[str]
     compute: Callable[[LossBatch], torch.Tensor]
+    paper: bool = True
 
 
 # In this order the losses are computed and summed (SPEC §1).
@@ -177,7 +196,10 @@ LOSSES: dict[str, Loss] = {
     "vg_contrast": Loss(frozenset({"vg"}), frozenset({"vg", "vg_prompt"}), _vg_contrast),
     "vg_mask": Loss(frozenset({"vg", "vg_masked"}), frozenset({"vg", "vg_prompt", "vg_masked"}), _vg_mask),
     "ground_mask": Loss(frozenset({"ground_masked"}), frozenset({"ground_masked"}), _ground_mask),
+    # beyond the paper: NegCLIP's swapped captions as hard negatives (agree.data.swaps)
+    "swap_negatives": Loss(frozenset({"swaps"}), frozenset({"swap"}), _swap_negatives, paper=False),
 }
+PAPER_LOSSES = tuple(name for name, loss in LOSSES.items() if loss.paper)
 
 
 def inputs_for(loss_weights: Mapping[str, float]) -> frozenset[str]:

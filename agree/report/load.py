@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agree.data.evaluation_files import QUERY_ID_KEY, EvaluationFiles, read_predictions
+from agree.data.evaluation_files import QUERY_ID_KEY, EvaluationFiles, read_predictions, stage_results
 from agree.data.feature_files import load_features
 from agree.data.json_lines import canonical_id
 from agree.data.npz_images import NpzImages
@@ -97,7 +97,7 @@ def load_evaluation(directory: Path) -> Evaluation:
         }
     }
     names = {"text_to_image": (query_ids, image_ids), "image_to_text": (image_ids, query_ids)}
-    for stage in results:
+    for stage in stage_results(results):
         if stage != "raw":
             lists[stage] = {
                 d: read_ranked(files.predictions(stage, d), QUERY_ID_KEY[d], *names[d]) for d in DIRECTIONS

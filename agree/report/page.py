@@ -87,6 +87,16 @@ def recall_table(results: dict, labels: dict[str, str]) -> str:
     return f'<table class="recall"><tr>{head}</tr>{"".join(rows)}</table>'
 
 
+def probe_section(probe: dict) -> str:
+    """The binding probe's accuracy, with what it means."""
+    return (
+        f"<h2>Binding probe</h2><p>Swap accuracy <b>{100 * probe['swap_accuracy']:.1f} %</b> over "
+        f"{probe['n']} test captions: the share of a caption's images that score it above its swap, the "
+        "same words with two entities' attributes or spans exchanged. 50 % is a model blind to binding; "
+        "100 % always prefers the true caption.</p>"
+    )
+
+
 def _number(value: float, base: float, is_base: bool) -> str:
     """A table cell with the value and, off the base row, its signed change."""
     if is_base or abs(value - base) < 0.05:

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 from agree.atomic import atomic_path
-from agree.data.evaluation_files import EvaluationFiles
+from agree.data.evaluation_files import PROBE, EvaluationFiles, stage_results
 from agree.report.load import (
     CURVE_K,
     ReportError,
@@ -16,7 +16,16 @@ from agree.report.load import (
     recall_curves,
     validation_history,
 )
-from agree.report.page import ARROWS, Thumbnails, examples, page, plot_tag, recall_table, stage_label
+from agree.report.page import (
+    ARROWS,
+    Thumbnails,
+    examples,
+    page,
+    plot_tag,
+    probe_section,
+    recall_table,
+    stage_label,
+)
 from agree.report.plots import line_plot
 from agree.retrieval.metrics import DIRECTIONS, SHORT
 
@@ -37,9 +46,11 @@ def evaluation_sections(directory: Path, queries: int, seed: int) -> list[str]:
     thumbs = Thumbnails(ev.npz, [im.image_id for im in ev.images], normalisation=ev.normalisation)
     rng = random.Random(seed)
     sections = [
-        f"<h2>Recall</h2>{recall_table(ev.results, labels)}",
+        f"<h2>Recall</h2>{recall_table(stage_results(ev.results), labels)}",
         f"<h2>Recall@k, k = 1..{CURVE_K}</h2>{plot_tag(png, 'recall@k curves')}",
     ]
+    if ev.results.get(PROBE):
+        sections.append(probe_section(ev.results[PROBE]))
     for d, count in (("text_to_image", len(ev.texts)), ("image_to_text", len(ev.images))):
         picks = sorted(rng.sample(range(count), min(queries, count)))
         note = "<p><small>Green: ground truth. ▲/▼: places gained or lost against the raw search.</small></p>"

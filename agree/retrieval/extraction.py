@@ -1,5 +1,6 @@
 """Test-split features for an evaluation: from a model (in this process or several under DDP) or
-from the release's JSONL feature files, with each query's entity slots (prompts, masked captions).
+from the release's JSONL feature files, with each query's entity slots (prompts, masked captions)
+and, from a model, the swapped captions of the binding probe.
 
 Model, dataset and Lightning code is imported inside the functions that use it, so that an
 evaluation from feature files loads none of it.
@@ -16,9 +17,11 @@ from agree.data.feature_files import feature_rows, read_entity_feature_jsonl, re
 from agree.data.layout import resolve_path
 from agree.data.npz_images import NpzImages
 from agree.data.records import TestImage, TestText
+from agree.data.swaps import draw_swaps
 from agree.errors import DataFormatError
 from agree.retrieval.features import extract
 from agree.retrieval.pipeline import EntityFeatures
+from agree.retrieval.probe import SwapFeatures
 
 
 def entity_texts(
@@ -95,9 +98,13 @@ def model_features(
     layout,
     pretrained: str | None,
     device: torch.device,
+    entity_slots: bool = True,
+    probe: bool = False,
 ):
-    """(text features, image features, entity features or None) from ``cfg.model.name`` with the
-    weights ``pretrained`` (a tag, a file or a checkpoint; None: random) on ``device``."""
+    """(text features, image features, entity features or None, swap features or None) from
+    ``cfg.model.name`` with the weights ``pretrained`` (a tag, a file or a checkpoint; None:
+    random) on ``device``. With ``segs``, the entity slots (``entity_slots``, for EGR) and the
+    swapped captions of the binding probe (``probe``) are encoded too."""
     import lightning as L
 
     from agree.data.datasets import ImageArrays
@@ -114,8 +121,9 @@ def model_features(
     )
     image_features = encode_images(ImageArrays(npz, image_ids, "test image_id"), "images")
     text_features = encode_texts([t.text for t in texts], "texts")
-    if segs is None:
-        return text_features, image_features, None
+    swaps = probe_swaps(cfg, texts, segs, encode_texts) if probe and segs is not None else None
+    if segs is None or not entity_slots:
+        return text_features, image_features, None, swaps
     e = cfg.rerank
     per_query = [
         entity_texts(
@@ -133,7 +141,20 @@ def model_features(
     for which, desc in ((0, "entity prompts"), (1, "masked captions")):
         flat = [text for query in per_query for text in query[which]]  # only real slots are encoded
         slots.append(scatter_slots(encode_texts(flat, desc), valid))
-    return text_features, image_features, EntityFeatures(slots[0], slots[1], valid)
+    return text_features, image_features, EntityFeatures(slots[0], slots[1], valid), swaps
+
+
+def probe_swaps(cfg: DictConfig, texts: list[TestText], segs: dict, encode_texts) -> SwapFeatures | None:
+    """The features of each test caption's swap (``draw_swaps`` with ``cfg.seed``) over its test
+    entities (the first ``rerank.max_entities`` of at most ``rerank.max_entity_words`` words);
+    None when no caption has two."""
+    e = cfg.rerank
+    entities = [kept_entities(segs.get(t.query_id, []), e.max_entity_words, e.max_entities) for t in texts]
+    swaps = draw_swaps([t.text for t in texts], entities, cfg.seed)
+    rows = [i for i, swap in enumerate(swaps) if swap is not None]
+    if not rows:
+        return None
+    return SwapFeatures(encode_texts([swaps[i] for i in rows], "swapped captions"), torch.tensor(rows))
 
 
 def _in_order(ids: list[str], wanted: list[str], path, what: str) -> np.ndarray | slice:
