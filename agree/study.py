@@ -93,7 +93,7 @@ class StudyConfig:
     val_images: int = 60
     test_images: int = 100
     lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3])  # learning rates tried per method
-    lr_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # the seeds that choose them
+    lr_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # those of seeds that choose them
     drop: list[str] = field(default_factory=lambda: list(LOSSES))  # the losses to ablate
     ablation_regimes: list[str] = field(default_factory=lambda: ["neglect"])
     keep_checkpoints: bool = False  # keep each run's last.ckpt (about 90 MB each)
@@ -134,6 +134,11 @@ class Grid:
     eval_only: list[str]
     captions_per_image: int
     batch_size: int
+
+    @property
+    def lr_seeds(self) -> list[int]:
+        """The seeds that choose the learning rates: those of ``lr_seeds`` that the study runs."""
+        return [s for s in self.cfg.seeds if s in self.cfg.lr_seeds]
 
     @property
     def middle(self) -> int:
@@ -353,7 +358,7 @@ def run_study(grid: Grid) -> dict:
             losses: [
                 r
                 for rate in cfg.lrs
-                for r in each(cfg.lr_seeds, regime=regime, size=middle, losses=losses, lr=rate)
+                for r in each(grid.lr_seeds, regime=regime, size=middle, losses=losses, lr=rate)
             ]
             for losses in ("clip", "agree")
         }
@@ -389,8 +394,9 @@ def run_study(grid: Grid) -> dict:
         "chance_rsum": chance_rsum(cfg.test_images, grid.captions_per_image),
         "plan": {
             key: getattr(cfg, key)
-            for key in ("seeds", "regimes", "sizes", "steps", "val_images", "test_images", "lrs", "lr_seeds")
-        },
+            for key in ("seeds", "regimes", "sizes", "steps", "val_images", "test_images", "lrs")
+        }
+        | {"lr_seeds": grid.lr_seeds},
         "middle": middle,
         "epochs": {str(size): grid.epochs(size) for size in cfg.sizes},
     }
@@ -497,8 +503,8 @@ def study(cfg: StudyConfig, command: str) -> None:
         raise ConfigError(f"regimes: {bad_regime[0]!r} is not a regime; choose among {', '.join(MODELS)}")
     if not cfg.sizes or not cfg.seeds or not cfg.lrs:
         raise ConfigError("sizes, seeds, lrs: give at least one value each")
-    if not set(cfg.lr_seeds) <= set(cfg.seeds) or not cfg.lr_seeds:
-        raise ConfigError(f"lr_seeds={cfg.lr_seeds}: give some of seeds ({cfg.seeds})")
+    if not set(cfg.lr_seeds) & set(cfg.seeds):
+        raise ConfigError(f"lr_seeds={cfg.lr_seeds}: none of them is among seeds={cfg.seeds}")
     check_overrides(cfg.overrides)
     if cfg.render_only:
         render_saved(doc, out / "study.json")
