@@ -215,6 +215,9 @@ def _record_path(grid: Grid, folder: str) -> Path:
     return grid.out / folder / "record.json"
 
 
+_HOW = "choose another output_dir, or delete that run's folder to run it again"
+
+
 def _reused(path: Path, params: dict) -> dict | None:
     """The record at ``path`` when it was made with ``params``; None when there is none.
 
@@ -226,9 +229,6 @@ def _reused(path: Path, params: dict) -> dict | None:
     if record.get("params") != params:
         raise ConfigError(f"{path}: made with other parameters than this study's; {_HOW}")
     return record
-
-
-_HOW = "choose another output_dir, or delete that run's folder to run it again"
 
 
 def first_difference(saved: dict, wanted: dict) -> str:
