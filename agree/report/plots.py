@@ -33,7 +33,8 @@ def line_plot(
             ax.set_ylim(*ylim)
         if log_x:
             ax.set_xscale("log")
-            ax.set_xticks(sorted({v for x, *_ in lines.values() for v in x}), minor=False)
+            ax.minorticks_off()
+            ax.set_xticks(sorted({v for x, *_ in lines.values() for v in x}))
             ax.xaxis.set_major_formatter("{x:g}")
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
