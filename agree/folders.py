@@ -8,7 +8,7 @@ the same settings; ``python -m agree.folders remove=[PATH,...]`` (``make clean``
 folder only if it is marked, declares its contents, and holds nothing else; any other folder is
 kept, with the files that kept it named.
 
-    python -m agree.folders 'remove=[outputs/demo,data/scenes-64px-seed0-train1200]'
+    python -m agree.folders 'remove=[outputs/demo,data/scenes-binding-64px-seed0-train1200]'
 """
 
 from __future__ import annotations

@@ -76,6 +76,7 @@ class LossOptions:
     skip_duplicate_negatives: bool = True
     margin_gradient: bool = True
     ddp_gradient: str = "global"  # global | per_rank_mean (agree.model.registry.DDP_GRADIENTS)
+    margin_reduction: str = "sum"  # sum | mean
 
 
 @dataclass

@@ -184,6 +184,7 @@ def fit(
         data_source=data_source(c.data),
         ddp_gradient=c.loss_options.ddp_gradient,
         max_logit_scale=c.optim.max_logit_scale,
+        margin_reduction=c.loss_options.margin_reduction,
     )
     trainer_args = settings.trainer
     logger = build_logger(cfg, resume_step=state.get("global_step", 0))

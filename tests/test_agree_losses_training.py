@@ -116,6 +116,18 @@ def test_each_margin_loss_trains_the_weights(full_data, tokenizer, margin_loss):
     assert sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None) > 0
 
 
+@pytest.mark.parametrize("margin_loss", MARGIN_LOSSES)
+def test_margin_reduction_mean_is_the_sum_over_the_pairs(full_data, tokenizer, margin_loss):
+    """``margin_reduction=mean`` divides each margin loss by its pairs: entity slots or rows."""
+    _, items = full_data
+    batch = collate(tokenizer, items, [margin_loss])
+    pairs = int(batch["entity_valid"].sum()) if margin_loss == "text_mask" else len(items)
+    model = fresh_model()
+    summed = agree_losses(model, batch, {margin_loss: 1.0}, margin=2.0)[margin_loss]  # every pair active
+    mean = agree_losses(model, batch, {margin_loss: 1.0}, margin=2.0, margin_reduction="mean")[margin_loss]
+    assert summed > 0 and mean.item() == pytest.approx(summed.item() / pairs, rel=1e-5)
+
+
 def test_fallbacks_and_padding(scenes, tokenizer):
     """No entities, no VG object, no grounded label: fallbacks of SPEC §1, and padding masked out."""
     images = NpzImages(scenes.images_npz("train"), 64)

@@ -21,7 +21,7 @@ COMMANDS = {  # command -> (main, keys its --help must show, as they are typed)
     "python -m agree.demo": (demo.main, ["output_dir=outputs/demo", "overrides=[]"]),
     "python -m agree.study": (
         study.main,
-        ["output_dir=outputs/study", "seeds=[0,1,2]", "lrs=[0.0001,0.0003]", "render_only=false"],
+        ["output_dir=outputs/study", "seeds=[0,1,2,3,4]", "lrs=[0.0003,0.001]", "render_only=false"],
     ),
     "python -m agree.pretrain": (pretrain.main, ["output=???", "corpus.seed=0", "steps=1500", "lr=0.001"]),
     "python -m agree.data.synthetic": (synthetic.main, ["root=???", "image_size=64", "mean=[0.48145466,"]),

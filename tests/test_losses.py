@@ -115,6 +115,21 @@ def test_margin_ranking_matches_formula():
     )
 
 
+def test_margin_ranking_mean_divides_by_the_global_pairs():
+    """``margin_reduction=mean``: the sum over the pairs that count, over their global number."""
+    pos = torch.tensor([0.5, 0.1, 0.3])
+    neg = torch.tensor([[0.4, 0.6], [0.0, 0.2], [0.9, 0.3]])
+    valid = torch.tensor([[True, True], [True, False], [True, True]])
+    scale = torch.tensor(10.0)
+    summed = losses.margin_ranking_loss(pos, neg, scale, 0.5, valid)
+    mean = losses.margin_ranking_loss(pos, neg, scale, 0.5, valid, global_pairs=valid.sum())
+    assert summed.item() > 0 and mean.item() == pytest.approx(summed.item() / 5, rel=1e-6)
+    # this rank's 3 rows of 6, 10 pairs in all: DDP's mean over 2 ranks gives (sum + sum') / 10
+    half = losses.margin_ranking_loss(pos, neg, scale, 0.5, valid, global_size=6, global_pairs=10)
+    assert half.item() == pytest.approx(2 * summed.item() / 10, rel=1e-6)
+    assert losses.margin_ranking_loss(pos, neg, scale, -9.0, valid, global_pairs=0).item() == 0
+
+
 @pytest.mark.parametrize("which", ["positive", "negative"])
 def test_margin_ranking_has_gradients(which):
     pos = torch.tensor([0.1, 0.2], requires_grad=True)

@@ -1109,3 +1109,28 @@ def test_recall_is_exact_from_hit_counts():
     r = recall_at_k(ranked, positives)
     assert (r["r1"], r["r5"], r["r10"]) == (62.6, 62.6, 62.6)
     assert json.dumps(r["r1"]) == "62.6" and math.isclose(r["mean_recall"], 62.6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_row13_margin_reduction(method, tiny_batch):
+    """Both methods sum the margin losses over the batch, as the release; the study decides ours."""
+    model, batch = tiny_batch
+    cfg = train_config(method)
+    assert cfg.loss_options.margin_reduction == "sum"
+    options = cfg.loss_options
+    args = (
+        model,
+        batch,
+        {"ground_mask": 1.0},
+        1.0,
+        options.skip_duplicate_negatives,
+        options.margin_gradient,
+    )
+    summed = agree_losses(*args, options.margin_reduction)["ground_mask"]
+    assert summed.item() == pytest.approx(
+        agree_losses(*args, "mean")["ground_mask"].item() * len(batch["images"])
+    )
+    flipped = train_config(method, "loss_options.margin_reduction=mean")
+    assert flipped.loss_options.margin_reduction == "mean" and {
+        k: v for k, v in flipped.loss_options.items() if k != "margin_reduction"
+    } == {k: v for k, v in options.items() if k != "margin_reduction"}

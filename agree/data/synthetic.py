@@ -1,9 +1,19 @@
 """The embedded "scenes" dataset, written in every file format of the reference release.
 
-Each image holds a few coloured shapes side by side; captions state which attribute goes with
-which shape and where ("a red circle left of a blue square"). Scenes come in *binding groups*:
-images with the same shapes and colours bound differently, so a bag of words cannot tell them
-apart and entity binding matters. Everything is deterministic per seed.
+Each image holds a few coloured shapes side by side. Scenes come in groups of hard negatives,
+in one of two regimes (``regime``):
+
+- ``binding``: captions state which attribute goes with which shape and where ("a red circle
+  left of a blue square"); a group's images have the same shapes and colours bound differently,
+  so a bag of words cannot tell them apart and entity binding matters.
+- ``neglect``: one large *primary* object and small *secondary* ones; captions name every object
+  ("a red circle with a blue square and a green cross"); a group's images share the primary object
+  and differ in their secondary ones, the objects a model pretrained on salient-object alt-text
+  neglects (``agree.data.alt_text``).
+
+Each split, and the Visual Genome-style bank, has its own random stream, so the test split does
+not depend on the training-set size and a smaller training set is a prefix of a larger one.
+Everything is deterministic per seed.
 
     python -m agree.data.synthetic root=OUT_DIR [seed=0 image_size=64 ...]    (--help: every key)
 """
@@ -14,7 +24,7 @@ import dataclasses
 import json
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +35,7 @@ from agree.atomic import write_json, write_jsonl, write_npz
 from agree.cli import run_command
 from agree.data.layout import ReleaseLayout
 from agree.data.pixels import OPENAI_MEAN, OPENAI_STD, normalise
+from agree.errors import ConfigError
 from agree.folders import check_claim, claim
 from agree.progress import progress
 
@@ -39,6 +50,7 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = {"small": 0.55, "large": 1.0}
+REGIMES = ("binding", "neglect")
 MANIFEST = "synthetic.json"  # written last: the folder holds a complete dataset
 OWNER = "scenes"  # the generator's mark on its folders (agree.folders)
 PHRASINGS = 7  # the captions() templates: a scene has at most this many captions
@@ -49,6 +61,7 @@ class SceneConfig:
     """Size and difficulty of the generated dataset."""
 
     seed: int = 0
+    regime: str = "binding"  # binding | neglect (see the module's docstring)
     image_size: int = 64
     train_images: int = 1200
     val_images: int = 100
@@ -57,7 +70,7 @@ class SceneConfig:
     min_objects: int = 2
     max_objects: int = 3
     attributes: int = 1  # 1: colour; 2: colour and size
-    binding_variants: int = 3  # images per group sharing shapes and colours, bound differently
+    binding_variants: int = 3  # images per group of hard negatives (bound, or with other secondaries)
     vg_images_per_word: int = 6
     noise: float = 0.04  # pixel noise, as a fraction of the range
     mean: tuple[float, ...] = OPENAI_MEAN  # normalisation of the npz images: the model's
@@ -121,10 +134,49 @@ def _group(rng: random.Random, cfg: SceneConfig) -> list[list[SceneObject]]:
     return scenes
 
 
+def secondaries(
+    rng: random.Random, primary: SceneObject, columns: list[int], shapes: list[str], colors: list[str]
+) -> list[SceneObject]:
+    """Small objects at ``columns``, of distinct shapes and colours none of which is the primary's."""
+    shapes = rng.sample([s for s in shapes if s != primary.shape], len(columns))
+    colors = rng.sample([c for c in colors if c != primary.color], len(columns))
+    return [
+        SceneObject(shape, color, "small", col, rng.uniform(0.3, 0.7))
+        for shape, color, col in zip(shapes, colors, columns, strict=True)
+    ]
+
+
+def salient_scene(rng: random.Random, secondary_count: int, columns: int) -> list[SceneObject]:
+    """A large primary object (first) and ``secondary_count`` small ones, each in its own column."""
+    where = rng.sample(range(columns), secondary_count + 1)
+    primary = SceneObject(
+        rng.choice(SHAPES), rng.choice(list(COLORS)), "large", where[0], rng.uniform(0.3, 0.7)
+    )
+    return [primary, *secondaries(rng, primary, where[1:], list(SHAPES), list(COLORS))]
+
+
+def _neglect_group(rng: random.Random, cfg: SceneConfig) -> list[list[SceneObject]]:
+    """A group sharing its primary object (and every place) whose secondary objects differ."""
+    base = salient_scene(rng, rng.randint(cfg.min_objects, cfg.max_objects) - 1, cfg.max_objects)
+    primary, places = base[0], [(o.column, o.y) for o in base[1:]]
+    scenes, seen = [], set()
+    for _ in range(cfg.binding_variants * 10):
+        if len(scenes) == cfg.binding_variants:
+            break
+        others = secondaries(rng, primary, [c for c, _ in places], list(SHAPES), list(COLORS))
+        others = [replace(o, y=y) for o, (_, y) in zip(others, places, strict=True)]
+        key = tuple((o.shape, o.color) for o in others)
+        if key not in seen:
+            seen.add(key)
+            scenes.append([primary, *others])
+    return scenes
+
+
 def _scenes(rng: random.Random, cfg: SceneConfig, count: int) -> list[list[SceneObject]]:
+    group = {"binding": _group, "neglect": _neglect_group}[cfg.regime]
     out: list[list[SceneObject]] = []
     while len(out) < count:
-        out.extend(_group(rng, cfg))
+        out.extend(group(rng, cfg))
     return out[:count]
 
 
@@ -198,6 +250,31 @@ def captions(
     return out
 
 
+def neglect_captions(
+    objects: list[SceneObject], attributes: int, rng: random.Random, count: int
+) -> list[tuple[str, list[str]]]:
+    """``count`` distinct captions naming every object, primary (``objects[0]``) and secondary ones."""
+    p, *s = [o.phrase(attributes) for o in objects]
+    rest = " and ".join(s)
+    listed = ", ".join([p, *s[:-1]]) + f" and {s[-1]}"
+    templates = [
+        (f"{p} with {rest}", [p, *s]),
+        (f"{p} next to {rest}", [p, *s]),
+        (f"{rest} beside {p}", [*s, p]),
+        (listed, [p, *s]),
+        (f"a picture of {p} and {rest}", [p, *s]),
+        (f"{rest} and {p}", [*s, p]),
+        (f"{p} together with {rest}", [p, *s]),
+    ]
+    return rng.sample(templates, min(count, len(templates)))
+
+
+def entity_word(obj: SceneObject, regime: str) -> str:
+    """The object's word in the image object lists and the Visual Genome bank: the shape (binding)
+    or colour and shape (neglect, whose bank covers every shape and colour)."""
+    return obj.shape if regime == "binding" else f"{obj.color} {obj.shape}"
+
+
 # ---------------------------------------------------------------------------------------------
 # writing the release
 
@@ -221,24 +298,29 @@ def generate(out_dir: str | Path, cfg: SceneConfig = SceneConfig()) -> ReleaseLa
 
     ``out_dir`` must be missing, empty, or a scenes folder of the same parameters (``claim``).
     """
+    if cfg.regime not in REGIMES:
+        raise ConfigError(f"regime={cfg.regime}: choose one of {', '.join(REGIMES)}")
     claim(out_dir, OWNER, cfg.params(), contents(cfg.layout(out_dir)))
     layout = cfg.layout(out_dir)
-    rng = random.Random(cfg.seed)
-    noise_rng = np.random.default_rng(cfg.seed)
     columns = cfg.max_objects
+    write_captions = {"binding": captions, "neglect": neglect_captions}[cfg.regime]
     grounding: dict[str, np.ndarray] = {}
     splits = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
-    for split, count in splits.items():
+    for number, (split, count) in enumerate(splits.items()):
+        rng = random.Random(f"{cfg.seed}-{split}-text")  # each split its own streams, scenes apart
+        scenes = _scenes(random.Random(f"{cfg.seed}-{split}"), cfg, count)
+        noise_rng = np.random.default_rng([cfg.seed, number])
         images: dict[str, np.ndarray] = {}
         train_rows, val_rows, text_rows, image_rows, seg_rows, object_rows = [], [], [], [], [], []
-        for index, scene in enumerate(progress(_scenes(rng, cfg, count), f"scenes: {split}", count)):
+        for index, scene in enumerate(progress(scenes, f"scenes: {split}", count)):
             fid = _flickr_id(split, index)
             path = f"flickr30k-images/{fid}.jpg"
             pixels = render(scene, cfg.image_size, columns, noise_rng, cfg.noise)
             key = {"train": str(index), "val": str(index), "test": str(fid)}[split]
             images[key] = normalise(pixels, mean=cfg.mean, std=cfg.std)
-            object_rows.append({"image_id": fid, "image_objects": sorted({o.shape for o in scene})})
-            caps = captions(scene, cfg.attributes, rng, cfg.captions_per_image)
+            words = sorted({entity_word(o, cfg.regime) for o in scene})
+            object_rows.append({"image_id": fid, "image_objects": words})
+            caps = write_captions(scene, cfg.attributes, rng, cfg.captions_per_image)
             by_phrase = {o.phrase(cfg.attributes): o for o in scene}
             if split == "train":
                 for phrase, obj in by_phrase.items():
@@ -274,7 +356,7 @@ def generate(out_dir: str | Path, cfg: SceneConfig = SceneConfig()) -> ReleaseLa
             write_jsonl(layout.test_images, image_rows)
             write_jsonl(layout.test_text_segs, seg_rows)
     write_npz(layout.grounding_npz, grounding)
-    _write_visual_genome(layout, cfg, rng, noise_rng)
+    _write_visual_genome(layout, cfg, random.Random(f"{cfg.seed}-vg"), np.random.default_rng([cfg.seed, 3]))
     write_json(layout.root / MANIFEST, cfg.params())
     return layout
 
@@ -282,19 +364,26 @@ def generate(out_dir: str | Path, cfg: SceneConfig = SceneConfig()) -> ReleaseLa
 def _write_visual_genome(
     layout: ReleaseLayout, cfg: SceneConfig, rng: random.Random, noise_rng: np.random.Generator
 ) -> None:
-    """An entity bank: per shape word, images with that shape (and a distractor) and its region blanked."""
+    """An entity bank: per entity word (``entity_word``), images with that entity and a distractor,
+    and the same with its region blanked. Binding: a large shape of any colour beside a small one;
+    neglect: the coloured shape at either size, the distractor at the other."""
     images, masked, vocab = {}, {}, []
     vg_id = 1
-    for word in SHAPES:
+    words = SHAPES if cfg.regime == "binding" else [f"{c} {s}" for s in SHAPES for c in COLORS]
+    for word in words:
         objects = []
         for _ in range(cfg.vg_images_per_word):
-            distractor = rng.choice([s for s in SHAPES if s != word])
             target_col, other_col = rng.sample(range(2), 2)
-            colors = rng.sample(list(COLORS), 2)
-            scene = [
-                SceneObject(word, colors[0], "large", target_col, rng.uniform(0.3, 0.7)),
-                SceneObject(distractor, colors[1], "small", other_col, rng.uniform(0.3, 0.7)),
-            ]
+            sizes = ["large", "small"] if cfg.regime == "binding" else rng.sample(list(SIZES), 2)
+            if cfg.regime == "binding":
+                target = SceneObject(
+                    word, rng.choice(list(COLORS)), sizes[0], target_col, rng.uniform(0.3, 0.7)
+                )
+            else:
+                color, shape = word.split()
+                target = SceneObject(shape, color, sizes[0], target_col, rng.uniform(0.3, 0.7))
+            other = secondaries(rng, target, [other_col], list(SHAPES), list(COLORS))[0]
+            scene = [target, replace(other, size=sizes[1])]
             pixels = render(scene, cfg.image_size, 2, noise_rng, cfg.noise)
             x0, y0, x1, y1 = box = object_box(scene[0], cfg.image_size, 2)
             images[str(vg_id)] = normalise(pixels, mean=cfg.mean, std=cfg.std)

@@ -172,13 +172,16 @@ def margin_ranking_loss(
     valid: torch.Tensor | None = None,
     global_size: int | None = None,
     gradient: bool = True,
+    global_pairs: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """``Σ max(0, margin − τ·(pos − neg)) / τ`` over the local rows (and slots), as the reference.
 
     positive: [n] or [n, E] (broadcast against negative); negative: [n] or [n, E] similarities;
     valid: mask of the pairs that count; global_size: rows of the whole global batch (for the
     rank share, default n). ``gradient=False`` is the release's defect: the hinge is rebuilt from
-    Python floats, so only the division by τ reaches the logit scale.
+    Python floats, so only the division by τ reaches the logit scale. ``global_pairs``: the pairs
+    that count in the whole global batch; given, the sum is divided by it (the mean over pairs,
+    ``loss_options.margin_reduction=mean``; 0 pairs give 0).
     """
     if positive.dim() < negative.dim():
         positive = positive[:, None]
@@ -187,4 +190,5 @@ def margin_ranking_loss(
     if valid is not None:
         hinge = hinge * valid
     n = negative.shape[0]
-    return hinge.sum() * _rank_share(n, global_size or n)
+    total = hinge.sum() * _rank_share(n, global_size or n)
+    return total if global_pairs is None else total / max(int(global_pairs), 1)

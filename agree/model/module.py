@@ -86,10 +86,12 @@ def agree_losses(
     skip_duplicate_negatives: bool = True,
     margin_gradient: bool = True,
     ddp_gradient: str = "global",
+    margin_reduction: str = "sum",
 ) -> dict[str, torch.Tensor]:
     """Each enabled loss (weight > 0), unweighted, for one batch of ``CollateTrain``.
 
-    ``margin_gradient=False`` reproduces the release's margin losses, which train nothing.
+    ``margin_gradient=False`` reproduces the release's margin losses, which train nothing;
+    ``margin_reduction``: ``sum`` (the release) or ``mean`` of the margin losses over their pairs.
     ``ddp_gradient`` (several processes): ``global``, each rank's losses over its own rows, so
     that DDP's mean of the gradients is the gradient of the global batch's loss; ``per_rank_mean``,
     the release's: every rank computes the global batch's loss (``release_global_batch``).
@@ -110,7 +112,7 @@ def agree_losses(
         **_encode_parts(lambda x: encode_image(model, x), images),
         **_encode_parts(lambda x: encode_text(model, x, lengths), texts),
     }
-    options = (model.logit_scale.exp(), margin, skip_duplicate_negatives, margin_gradient)
+    options = (model.logit_scale.exp(), margin, skip_duplicate_negatives, margin_gradient, margin_reduction)
     if ddp_gradient == "per_rank_mean":
         shared = LossBatch(*release_global_batch(f, batch), *options, gather=no_gather)
     else:
@@ -142,6 +144,7 @@ class AgreeModule(L.LightningModule):
         data_source: dict | None = None,
         ddp_gradient: str = "global",
         max_logit_scale: float = MAX_LOGIT_SCALE,
+        margin_reduction: str = "sum",
     ):
         """``data_source``: what the checkpoints record of the training data (``DATA_KEY``)."""
         super().__init__()
@@ -164,6 +167,7 @@ class AgreeModule(L.LightningModule):
             hp.skip_duplicate_negatives,
             hp.margin_gradient,
             hp.ddp_gradient,
+            hp.margin_reduction,
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from agree.data.entities import scatter_slots
 from agree.errors import ConfigError
 from agree.model import losses
 
+MARGIN_REDUCTIONS = ("sum", "mean")  # loss_options.margin_reduction: the release's sum, or the mean
 # The files an entity input is read from: (its path in a ``ReleaseLayout``, the key of its folder).
 INPUT_FILES: dict[str, tuple[tuple[Callable[[Any], Path], str], ...]] = {
     "ground_masked": ((lambda layout: layout.grounding_npz, "data.root"),),
@@ -121,6 +122,7 @@ class LossBatch:
     margin: float
     skip_duplicate_negatives: bool
     margin_gradient: bool
+    margin_reduction: str = "sum"  # or "mean": over the pairs that count in the global batch
     gather: Callable[..., tuple[torch.Tensor, int]] = gather_rows  # no_gather: f holds every rank's rows
 
     def __post_init__(self) -> None:
@@ -154,8 +156,12 @@ class LossBatch:
         return scatter_slots(self.f[part], self.batch["entity_valid"])
 
     def margin_loss(self, positive, negative, valid=None) -> torch.Tensor:
+        """A margin loss over the rows (``valid``: the slots that count), reduced by ``margin_reduction``."""
+        pairs = None
+        if self.margin_reduction == "mean":
+            pairs = self.global_n if valid is None else self.valid_all.sum()
         return losses.margin_ranking_loss(
-            positive, negative, self.scale, self.margin, valid, self.global_n, self.margin_gradient
+            positive, negative, self.scale, self.margin, valid, self.global_n, self.margin_gradient, pairs
         )
 
 

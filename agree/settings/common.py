@@ -14,7 +14,7 @@ from agree.config import data_layout, generated, resolve_device, scene_config
 from agree.data.json_lines import check_fields, read_json
 from agree.data.layout import ReleaseLayout, resolve_path
 from agree.data.npz_images import NpzImages
-from agree.data.synthetic import OWNER
+from agree.data.synthetic import OWNER, REGIMES
 from agree.errors import ConfigError, DataFormatError, FolderNotOwnedError
 from agree.folders import MARKER, check_claim
 
@@ -206,6 +206,8 @@ def check_data_values(cfg: DictConfig) -> None:
         check_seed(cfg, "data.synthetic.seed")
         for key in ("train_images", "val_images", "test_images", "captions_per_image", "min_objects"):
             at_least(cfg, f"data.synthetic.{key}", 1)
+        regime = cfg.data.synthetic.regime
+        require(regime in REGIMES, "data.synthetic.regime", regime, f"choose one of {list(REGIMES)}")
 
 
 def require_file(path: Path, key: str, value: object, what_to_do: str) -> None:

@@ -18,7 +18,7 @@ from agree.data.layout import ReleaseLayout
 from agree.data.records import PREPARED_FIELDS, how_to_prepare, prepared_fields
 from agree.data.synthetic import SceneConfig
 from agree.errors import ConfigError
-from agree.model.registry import DDP_GRADIENTS, LOSSES, loss_files, loss_weights
+from agree.model.registry import DDP_GRADIENTS, LOSSES, MARGIN_REDUCTIONS, loss_files, loss_weights
 from agree.schema import TrainConfig, TrainerConfig
 from agree.settings.common import (
     ModelSettings,
@@ -160,6 +160,12 @@ def check_train_values(cfg: DictConfig) -> None:
     ):
         at_least(cfg, key, 1, null_means)
     check_data_values(cfg)
+    require(
+        cfg.loss_options.margin_reduction in MARGIN_REDUCTIONS,
+        "loss_options.margin_reduction",
+        cfg.loss_options.margin_reduction,
+        f"choose one of {list(MARGIN_REDUCTIONS)}",
+    )
     require(
         cfg.data.fallback_mask in FALLBACK_MASKS,
         "data.fallback_mask",
