@@ -1112,7 +1112,7 @@ def test_recall_is_exact_from_hit_counts():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_row13_margin_reduction(method, tiny_batch):
+def test_row22_margin_reduction(method, tiny_batch):
     """Both methods sum the margin losses over the batch, as the release; the study decides ours."""
     model, batch = tiny_batch
     cfg = train_config(method)
