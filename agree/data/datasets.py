@@ -301,7 +301,7 @@ class CollateTrain:
         if "swap" in items[0]:  # only real swaps are tokenized; swap_valid marks whose they are
             swaps = [it["swap"] for it in items if it["swap"] is not None]
             batch["swap_valid"] = torch.tensor([it["swap"] is not None for it in items])
-            batch["swap_captions"] = self.tokenizer(swaps) if swaps else batch["captions"][:0]
+            tokenize_into(batch, self.tokenizer, "swap_captions", swaps)
         return batch
 
 
