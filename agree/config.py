@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -173,6 +175,22 @@ def torch_flags() -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         else:
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
+
+
+P, R = ParamSpec("P"), TypeVar("R")
+
+
+def restores_torch_flags(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` run inside :func:`torch_flags`. A plain wrapper, not ``@torch_flags()``: a context
+    manager used as a decorator holds a generator, which a launcher pickling the entry point
+    (Hydra's submitit launcher, ``python -m agree.train``) cannot pickle."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with torch_flags():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def allow_tf32(enabled: bool) -> None:

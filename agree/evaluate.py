@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from agree.atomic import replace_as_set, staging_dir
 from agree.cli import freeze_imports, user_errors
-from agree.config import ensure_data, torch_flags
+from agree.config import ensure_data, restores_torch_flags
 from agree.console import quiet_libraries
 from agree.data.evaluation_files import (
     OUTPUTS,
@@ -164,7 +164,7 @@ def model_inputs(
     return inputs, swaps
 
 
-@torch_flags()
+@restores_torch_flags
 def evaluate(cfg: DictConfig, run: HydraRun | None = None) -> dict:
     """Extract (or read) features, rank and re-rank both directions, score, write every output.
 

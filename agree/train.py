@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from agree.atomic import write_json, write_torch
 from agree.callbacks import configured_callbacks
 from agree.cli import freeze_imports, user_errors
-from agree.config import allow_tf32, data_source, torch_flags
+from agree.config import allow_tf32, data_source, restores_torch_flags
 from agree.console import quiet_libraries
 from agree.data.datamodule import AgreeDataModule
 from agree.errors import ConfigError
@@ -136,7 +136,7 @@ def finished_run(out: Path, state: dict) -> dict[str, float]:
     return state["metrics"]
 
 
-@torch_flags()
+@restores_torch_flags
 def train(cfg: DictConfig, run: HydraRun | None = None) -> tuple[dict[str, float], dict]:
     """Train as ``cfg`` says; return the final validation metrics and the objects used.
 

@@ -64,6 +64,10 @@ TRAIN_REFUSED: dict[str, list] = {
     "trainer.overfit_batches": [-0.5],
     "trainer.val_check_interval": [-1],
     "trainer.extra": [{"nope": 1}, {"max_epochs": 3}],
+    "optim.max_logit_scale": [0.0],
+    "loss_options.ddp_gradient": ["mean"],
+    "loss_options.margin_reduction": ["max"],
+    "data.synthetic.regime": ["mixed"],
 }
 EVALUATE_REFUSED: dict[str, list] = {
     "ckpt_path": ["nowhere/last.ckpt"],
@@ -83,6 +87,14 @@ EVALUATE_REFUSED: dict[str, list] = {
         f"features.{key}": ["nowhere.jsonl"]
         for key in ("image_jsonl", "text_jsonl", "prompt_jsonl", "mask_jsonl")
     },
+    "cache_max_gb": [0.0],
+    "ckpt_data": ["other"],
+    "data.synthetic.regime": ["mixed"],
+    "features.precision": ["fp8"],
+    "features.masked_text_source": ["captions"],
+    "features.caption_entities": ["by_name"],
+    "features.gallery_order": ["random"],
+    "rerank.accumulate": ["float16"],
 }
 # Keys whose every value of the right type is accepted here, and why.
 BY_LIGHTNING = "a lightning.Trainer argument that Lightning checks itself"
@@ -93,6 +105,7 @@ BOTH_UNCHECKED = {
     "method": "the method group's option (Hydra refuses another)",
     "model.mean": "any normalisation",
     "model.std": "any normalisation",
+    "data.prefix": "the release's file-name prefix (flickr30k, coco, ...); a missing file is named",
     "data.root": "a folder, checked on disk (tests/test_config_errors.py, tests/test_inputs_read_only.py)",
     "data.vg_root": "a folder, checked on disk with the VG losses (tests/test_config_errors.py)",
     "data.image_size": "${model.image_size}",
@@ -134,6 +147,7 @@ TRAIN_UNCHECKED = {
 }
 EVALUATE_UNCHECKED = {
     **BOTH_UNCHECKED,
+    "cache_dir": "a folder; unwritable: no cache, one line (tests/test_feature_cache.py)",
     **{
         f"data.{key}": "read by training only"
         for key in ("batch_size", "val_batch_size", "global_batch_size")

@@ -81,7 +81,9 @@ def test_an_experiment_setting_synthetic_keys_trains_on_the_real_data_unchanged(
 def test_evaluating_with_the_synthetic_group_refuses_a_user_folder(real, tmp_path):
     """Row 2: ``agree.evaluate data.root=REAL`` without ``data=flickr30k`` stops; REAL is unchanged."""
     root, before = real
-    with pytest.raises(FolderNotOwnedError, match=f"{root}: not empty and not made by agree scenes"):
+    with pytest.raises(
+        ConfigError, match="under data=synthetic, which generates scenes there: add data=flickr30k"
+    ):
         evaluate(config("evaluate", f"data.root={root}", f"output_dir={tmp_path / 'out'}"))
     assert files(root) == before and not (tmp_path / "out").exists()
 

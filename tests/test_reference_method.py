@@ -741,7 +741,7 @@ def test_rows14_15_masked_captions_and_entity_rows_of_the_segs_file(method, scen
     segs_file = other_segs_file(scenes, tmp_path)
     cfg = config("evaluate", f"method={method}", "rerank=egr", f"data.root={scenes.root}", "device=cpu")
     texts, images = read_test_texts(scenes.test_texts), read_test_images(scenes.test_images)
-    got = model_inputs(cfg, texts, images, scenes, segs_file, None, torch.device("cpu"))
+    got = model_inputs(cfg, texts, images, scenes, segs_file, None, None, torch.device("cpu"))[0]
     L.seed_everything(cfg.seed, verbose=False)
     model = create_clip(cfg.model.name).eval()
     tokenizer = get_tokenizer(cfg.model.name, cfg.text.eot_on_truncation)
@@ -770,7 +770,7 @@ def test_row15_a_caption_without_a_line_at_its_position_is_named(scenes, tmp_pat
     cfg = config("evaluate", "method=reference", "rerank=egr", f"data.root={scenes.root}", "device=cpu")
     texts, images = read_test_texts(scenes.test_texts), read_test_images(scenes.test_images)
     with pytest.raises(DataFormatError, match=rf"{short}: {len(rows)} rows, but caption .* by_id"):
-        model_inputs(cfg, texts, images, scenes, short, None, torch.device("cpu"))
+        model_inputs(cfg, texts, images, scenes, short, None, None, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -1011,7 +1011,7 @@ def test_row20_gallery_order_of_the_images_npz(method, scenes, tmp_path):
     cfg = config("evaluate", f"method={method}", f"data.root={tmp_path}", "device=cpu")
     texts, images = read_test_texts(scenes.test_texts), read_test_images(scenes.test_images)
     assert [im.image_id for im in images] == keys  # the annotations list the images as the npz did
-    got = model_inputs(cfg, texts, images, layout, None, None, torch.device("cpu"))
+    got = model_inputs(cfg, texts, images, layout, None, None, None, torch.device("cpu"))[0]
     if method == "reference":  # eval/data.py: the images in the order of the npz's keys
         assert got.image_order.tolist() == list(range(len(images)))[::-1]
     else:
@@ -1126,9 +1126,9 @@ def test_row22_margin_reduction(method, tiny_batch):
         options.skip_duplicate_negatives,
         options.margin_gradient,
     )
-    summed = agree_losses(*args, options.margin_reduction)["ground_mask"]
+    summed = agree_losses(*args, margin_reduction=options.margin_reduction)["ground_mask"]
     assert summed.item() == pytest.approx(
-        agree_losses(*args, "mean")["ground_mask"].item() * len(batch["images"])
+        agree_losses(*args, margin_reduction="mean")["ground_mask"].item() * len(batch["images"])
     )
     flipped = train_config(method, "loss_options.margin_reduction=mean")
     assert flipped.loss_options.margin_reduction == "mean" and {

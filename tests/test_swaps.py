@@ -210,10 +210,10 @@ def counting_encoder(monkeypatch):
     counts = {"calls": 0, "texts": 0}
     encode = module.encode_text
 
-    def counted(model, tokens):
+    def counted(model, tokens, lengths=None):
         counts["calls"] += 1
         counts["texts"] += len(tokens)
-        return encode(model, tokens)
+        return encode(model, tokens, lengths)
 
     monkeypatch.setattr(module, "encode_text", counted)
     return counts
