@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from agree.atomic import atomic_path
 from agree.cli import user_errors
 from agree.data.layout import resolve_path
-from agree.folders import check_claim, check_folder_path, check_outside, claim
-from agree.runlock import is_first_process, lock_folder, locked, unlock_folder
+from agree.folders import MARKER, check_claim, check_folder_path, check_outside, claim
+from agree.runlock import LOCK, is_first_process, lock_folder, locked, unlock_folder
 
 RECORD = ".hydra"  # the run's record: config.yaml, hydra.yaml, overrides.yaml
 DATA_KEYS = ("data.root", "data.vg_root")  # the data folders no output may lie in
@@ -115,10 +115,27 @@ def output_folders(
     if not is_first_process():
         yield
         return
-    with locked(unique.values()):
-        for folder in unique.values():
-            claim(folder, owner, ignore=ignore(folder))  # checked again, under the lock
-        yield
+    made = [folder for folder in unique.values() if not folder.exists()]
+    try:
+        with locked(unique.values()):
+            for folder in unique.values():
+                claim(folder, owner, ignore=ignore(folder))  # checked again, under the lock
+            yield
+    except BaseException:
+        for folder in made:  # a refused or failed command leaves no folder of its own behind
+            _remove_if_bare(folder)
+        raise
+
+
+def _remove_if_bare(folder: Path) -> None:
+    """Remove ``folder`` when it holds nothing but our marker and lock (a folder this command made)."""
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else None
+    if names is None or not names <= {MARKER, LOCK}:
+        return
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 class RunFolderCheck(Callback):
