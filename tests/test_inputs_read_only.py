@@ -351,3 +351,26 @@ def test_an_evaluation_never_replaces_a_users_entries(scenes, tmp_path):
         for _ in range(2):  # the second run replaces the first one's set
             evaluate(compose("evaluate", [f"output_dir={own}", *overrides]))
     assert (own / "results.json").is_file()
+
+
+def test_a_failed_evaluation_keeps_an_empty_folder_the_user_gave(tmp_path):
+    """A folder that existed before the command (empty, so it could be claimed) is never removed when
+    the command fails; only a folder the command made itself goes (``runfolder._remove_if_bare``)."""
+    images, texts = tmp_path / "images.jsonl", tmp_path / "texts.jsonl"
+    images.write_text('{"image_id": "1", "feature": [1, 0]}\n{"image_id": "\\ud800x", "feature": [0, 1]}\n')
+    texts.write_text('{"query_id": 0, "feature": [1, 0]}\n')
+    (tmp_path / "ann_images.jsonl").write_text('{"image_id": 1, "item_ids": [0]}\n')
+    (tmp_path / "ann_texts.jsonl").write_text('{"query_id": 0, "query_text": "a", "item_ids": [1]}\n')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    cfg = config(
+        "evaluate",
+        f"features.image_jsonl={images}",
+        f"features.text_jsonl={texts}",
+        f"annotations.images={tmp_path / 'ann_images.jsonl'}",
+        f"annotations.texts={tmp_path / 'ann_texts.jsonl'}",
+        f"output_dir={mine}",
+    )
+    with pytest.raises(DataFormatError, match="not valid Unicode"):
+        evaluate(cfg)
+    assert mine.is_dir()
