@@ -177,7 +177,7 @@ def test_a_second_process_into_a_run_folder_in_use_stops_at_once(tmp_path):
     first = start(tmp_path, run_dir, "trainer.max_epochs=100")  # still running when the second starts
     try:
         lock = run_dir / ".lock"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # the record is written once the first run's Trainer is built
         written = run_dir / ".hydra" / "config.yaml"
         while not (lock.exists() and lock.read_text() and written.exists()) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -188,7 +188,7 @@ def test_a_second_process_into_a_run_folder_in_use_stops_at_once(tmp_path):
             env=ENV,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,
         )
         assert first.poll() is None, "the first run ended before the second was refused"
     finally:
