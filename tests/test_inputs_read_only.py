@@ -23,6 +23,7 @@ from agree.folders import MARKER, claim
 from agree.prepare import karpathy as karpathy_step
 from agree.prepare.__main__ import main as prepare
 from agree.prepare.images import load_image
+from agree.runlock import LOCK
 from agree.train import train
 
 from .test_prepare_steps import flickr_raw
@@ -272,7 +273,7 @@ def test_a_lone_surrogate_id_fails_before_any_output(scenes, tmp_path):
     )
     with pytest.raises(DataFormatError, match="not valid Unicode"):
         evaluate(cfg)
-    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, LOCK]  # its claim, no output
 
 
 def test_entities_with_a_bad_utf8_first_line_fails_in_one_line(tmp_path, capsys):

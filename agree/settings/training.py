@@ -72,6 +72,8 @@ def processes(trainer: dict[str, Any]) -> int:
     """How many processes Lightning trains in: ``devices`` (a count, a list, or ``auto``/-1: every
     CUDA device when it trains on them, else one) times ``num_nodes``."""
     devices = trainer.get("devices", 1)
+    if isinstance(devices, str) and devices.strip().isdigit():  # Lightning reads "2" as 2
+        devices = int(devices)
     if isinstance(devices, list | tuple):
         count = len(devices)
     elif isinstance(devices, int) and devices > 0:
