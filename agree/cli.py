@@ -24,6 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from agree.errors import ConfigError, DataFormatError, FolderNotOwnedError, one_line
+from agree.workers import die_with_parent
 
 USER_ERRORS = (ConfigError, DataFormatError, FolderNotOwnedError, OmegaConfBaseException)
 OVERRIDES = "overrides"  # the key that collects the arguments naming none of a command's keys
@@ -163,5 +164,6 @@ def run_command(
         print(usage(command, config, doc))
         return
     freeze_imports()
+    die_with_parent()  # loader workers end with the command, however it ends
     with user_errors():
         run(parse(command, config, argv))

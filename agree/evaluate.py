@@ -38,6 +38,7 @@ from agree.retrieval.ground_truth import ground_truth
 from agree.retrieval.metrics import DIRECTIONS, recall_at_k, summarise
 from agree.retrieval.pipeline import EntityFeatures, rank_stages
 from agree.settings import EvaluateSettings, evaluate_settings
+from agree.workers import die_with_parent
 
 
 @dataclass
@@ -150,6 +151,7 @@ def stored_features(data: TestSet, extracted: bool) -> dict[str, torch.Tensor]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     freeze_imports()
+    die_with_parent()  # loader workers end with the command, however it ends
     with user_errors():
         results = evaluate(cfg)
     if not results:  # another process of a multi-process extraction

@@ -25,6 +25,7 @@ from agree.model.module import AgreeModule
 from agree.model.registry import inputs_for
 from agree.model.tokenizer import get_tokenizer
 from agree.settings import train_settings
+from agree.workers import die_with_parent
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -185,6 +186,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     freeze_imports()
+    die_with_parent()  # loader workers end with the command, however it ends
     try:
         with user_errors():
             metrics, _ = train(cfg)
