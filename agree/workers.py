@@ -17,7 +17,7 @@ import sys
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _forking: int | None = None  # the pid of the process that forks, seen from the child
-_registered = False
+_prctl = None  # libc's prctl, looked up before any fork: dlopen in a child of threads can deadlock
 
 
 def _before_fork() -> None:
@@ -26,7 +26,7 @@ def _before_fork() -> None:
 
 
 def _in_child() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != _forking:  # the parent died before the line above: no signal will come
         os._exit(1)
 
@@ -37,7 +37,7 @@ def die_with_parent() -> None:
     The kernel signals the child when the *thread* that forked it ends: DataLoader workers are
     forked by the thread that iterates the loader, which lives as long as the command.
     """
-    global _registered
-    if sys.platform.startswith("linux") and not _registered:
+    global _prctl
+    if sys.platform.startswith("linux") and _prctl is None:
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
         os.register_at_fork(before=_before_fork, after_in_child=_in_child)
-        _registered = True
