@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from agree.console import quiet_libraries
 from agree.errors import ConfigError, DataFormatError, FolderNotOwnedError, one_line
+from agree.workers import die_with_parent
 
 USER_ERRORS = (ConfigError, DataFormatError, FolderNotOwnedError, OmegaConfBaseException)
 OVERRIDES = "overrides"  # the key that collects the arguments naming none of a command's keys
@@ -180,5 +181,6 @@ def run_command(
         return
     freeze_imports()
     quiet_libraries()
+    die_with_parent()  # loader workers end with the command, however it ends
     with user_errors():
         run(parse(command, config, argv))

@@ -67,6 +67,7 @@ from agree.retrieval.pipeline import RankInputs, rank_in_order
 from agree.retrieval.probe import SwapFeatures, swap_accuracy
 from agree.runfolder import RECORD, HydraRun, data_roots, output_folders
 from agree.settings import EvaluateSettings, evaluate_settings
+from agree.workers import die_with_parent
 
 # what an evaluation writes into its output_dir: make clean may delete them in the demo's (agree.folders)
 CONTENTS = (*OUTPUTS, *(f"{name}/*" for name in OUTPUTS), f"{RECORD}/*", "*.log")
@@ -226,6 +227,7 @@ def main(cfg: DictConfig) -> float | None:
     freeze_imports()
     quiet_libraries()
     run = HydraRun.of(cfg)  # before evaluate() fills in the model's defaults: the record is the command's
+    die_with_parent()  # loader workers end with the command, however it ends
     with user_errors():
         results = evaluate(cfg, run)
     if not results:  # another process of a multi-process extraction

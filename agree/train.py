@@ -34,6 +34,7 @@ CONTENTS = (
     *("checkpoints/*", "csv/*", "tensorboard/*", "wandb/*", "metrics.json", WANDB_RUN_FILE),
     *(f"{RECORD}/*", "*.log"),  # the record and log of a run of agree.train itself
 )
+from agree.workers import die_with_parent
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -229,6 +230,7 @@ def main(cfg: DictConfig) -> float | None:
     freeze_imports()
     quiet_libraries()
     run = HydraRun.of(cfg)  # before train() fills in the model's defaults: the record is the command's
+    die_with_parent()  # loader workers end with the command, however it ends
     try:
         with user_errors():
             metrics, _ = train(cfg, run)
