@@ -56,17 +56,13 @@ def locate_detector(name: str) -> str:
     if Path(name).expanduser().is_dir():
         return name
     import huggingface_hub
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-    hint = f"set detector=<a local folder holding the model>, or download {name} where there is network"
     try:
         return huggingface_hub.snapshot_download(name, local_files_only=True)
     except LocalEntryNotFoundError:
         pass
-    except HFValidationError:  # a path (that is no folder) or a malformed id
-        raise ConfigError(
-            f"detector={name}: no such folder, nor a model id of the Hugging Face hub; {hint}"
-        ) from None
+    hint = f"set detector=<a local folder holding the model>, or download {name} where there is network"
     try:
         huggingface_hub.model_info(name, timeout=10)
     except RepositoryNotFoundError:
