@@ -81,7 +81,9 @@ def test_an_experiment_setting_synthetic_keys_trains_on_the_real_data_unchanged(
 def test_evaluating_with_the_synthetic_group_refuses_a_user_folder(real, tmp_path):
     """Row 2: ``agree.evaluate data.root=REAL`` without ``data=flickr30k`` stops; REAL is unchanged."""
     root, before = real
-    with pytest.raises(FolderNotOwnedError, match=f"{root}: not empty and not made by agree scenes"):
+    with pytest.raises(
+        ConfigError, match="under data=synthetic, which generates scenes there: add data=flickr30k"
+    ):
         evaluate(config("evaluate", f"data.root={root}", f"output_dir={tmp_path / 'out'}"))
     assert files(root) == before and not (tmp_path / "out").exists()
 
@@ -185,7 +187,7 @@ def test_karpathy_replaces_its_outputs_as_a_set(tmp_path, monkeypatch):
     root = tmp_path / "release"
     karpathy_step.run(karpathy_config(source, images, root, shard_size=3))
     before = outputs(root)
-    assert len(before) == 7
+    assert len(before) == 8  # the annotations, the npz and the record of their preprocessing
 
     data = json.loads(source.read_text())
     data["images"] = data["images"][1:] + data["images"][:1]  # other images at the train indices
@@ -245,7 +247,7 @@ def test_entities_in_place_keeps_the_mode_and_the_symlink(tmp_path, spacy_pipeli
 def test_entities_batch_size_0_is_a_config_error(tmp_path, spacy_pipeline, capsys):
     """Row 14: refused before any shard is written; the next run with a valid size works."""
     path = train_lines(tmp_path / "train.jsonl")
-    assert prepare(["entities", f"input={path}", "batch_size=0"]) == 2
+    assert prepare(["entities", f"input={path}", "batch_size=0"]) == 1
     assert capsys.readouterr().err == "error: batch_size=0: must be at least 1\n"
     assert not (tmp_path / "train.jsonl.parts").exists()
     assert prepare(["entities", f"input={path}", "batch_size=2"]) == 0
@@ -278,7 +280,7 @@ def test_entities_with_a_bad_utf8_first_line_fails_in_one_line(tmp_path, capsys)
     path = tmp_path / "train.jsonl"
     line = b'{"caption": "caf\xe9"}\n'
     path.write_bytes(line)
-    assert prepare(["entities", f"input={path}"]) == 2
+    assert prepare(["entities", f"input={path}"]) == 1
     at = line.index(b"\xe9")
     assert capsys.readouterr().err == f"error: {path}:1: not UTF-8 text (invalid byte at position {at})\n"
 

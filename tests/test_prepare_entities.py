@@ -75,7 +75,7 @@ def test_train_file_in_place_and_test_texts_to_segs_file(tmp_path):
     ]
     train.write_text("".join(json.dumps(line) + "\n" for line in lines))
     before = train.read_bytes()
-    assert main(["entities", f"input={train}", "shard_size=1"]) == 2  # existing segs are kept ...
+    assert main(["entities", f"input={train}", "shard_size=1"]) == 1  # existing segs are kept ...
     assert train.read_bytes() == before
     assert main(["entities", f"input={train}", "shard_size=1", "overwrite=true"]) == 0  # ... unless asked
     records = read_train_records(train)

@@ -56,13 +56,17 @@ def locate_detector(name: str) -> str:
     if Path(name).expanduser().is_dir():
         return name
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    hint = f"set detector=<a local folder holding the model>, or download {name} where there is network"
     try:
         return huggingface_hub.snapshot_download(name, local_files_only=True)
     except LocalEntryNotFoundError:
         pass
-    hint = f"set detector=<a local folder holding the model>, or download {name} where there is network"
+    except HFValidationError:  # a path that is no folder, and not of a hub id's form either
+        raise ConfigError(
+            f"detector={name!r}: cannot load it (no such folder, nor a hub id); {hint}"
+        ) from None
     try:
         huggingface_hub.model_info(name, timeout=10)
     except RepositoryNotFoundError:
