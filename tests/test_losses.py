@@ -157,3 +157,25 @@ def test_margin_ranking_has_gradients(which):
     losses.margin_ranking_loss(pos, neg, torch.tensor(10.0)).backward()
     grad = (pos if which == "positive" else neg).grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_losses_on_a_gpu_equal_the_cpu_values():
+    """Every tensor a loss makes is on its inputs' device (on CPU, ``device=`` cannot be told apart)."""
+    torch.manual_seed(3)
+    a, b = F.normalize(torch.randn(4, 3), dim=-1), F.normalize(torch.randn(4, 3), dim=-1)
+    slots = F.normalize(torch.randn(4, 2, 3), dim=-1)
+    keys, valid = torch.tensor([[1], [2], [1], [3]]), torch.rand(4, 2) < 0.7
+
+    def values(device: str) -> list[float]:
+        a_, b_, slots_, keys_, valid_, scale = (
+            x.to(device) for x in (a, b, slots, keys, valid, torch.tensor(5.0))
+        )
+        return [
+            losses.contrastive_loss(a_, b_, scale, keys_all=keys_).item(),
+            losses.contrastive_loss(a_, b_, scale).item(),
+            losses.slot_contrastive_loss(a_, slots_, scale, valid_).item(),
+            losses.margin_ranking_loss(a_[:, 0], b_[:, 0], scale).item(),
+        ]
+
+    assert values("cuda") == pytest.approx(values("cpu"), rel=1e-5)
