@@ -16,8 +16,9 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from .conftest import SUBPROCESS_LIMIT as LIMIT
+
 PAUSED = "paused"
-LIMIT = 900  # seconds: far above a run's quiet time (about 20 s to the marks these tests wait on)
 
 
 class StepMarks(Callback):

@@ -25,6 +25,7 @@ from agree.prepare.__main__ import main as prepare
 from agree.prepare.images import load_image
 from agree.train import train
 
+from .conftest import SUBPROCESS_LIMIT
 from .test_prepare_steps import flickr_raw
 from .test_progress_and_wandb import SCENES
 
@@ -128,7 +129,7 @@ def test_make_clean_removes_only_what_the_demo_and_the_generator_made(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=SUBPROCESS_LIMIT,
     )
     assert done.returncode == 0, done.stderr
     assert files(tmp_path) == kept
