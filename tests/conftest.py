@@ -25,6 +25,9 @@ def shared_data(path: Path) -> Path:
     return path
 
 
+# Seconds a subprocess of a test may run: far above any one's quiet time (under a minute), so that a
+# machine loaded by other work slows the suite down without failing it.
+SUBPROCESS_LIMIT = 900
 SMALL_SCENES = SceneConfig(seed=3, train_images=60, val_images=12, test_images=20, vg_images_per_word=2)
 
 

@@ -16,13 +16,15 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from .conftest import SUBPROCESS_LIMIT as LIMIT
+
 PAUSED = "paused"
-LIMIT = 900  # seconds: far above a run's quiet time (about 20 s to the marks these tests wait on)
 
 
 class StepMarks(Callback):
     """Appends ``global_step`` to ``path`` (one line, flushed) as each training batch starts; at
-    step ``pause_at`` it appends ``paused`` and sleeps until the process is killed.
+    step ``pause_at`` it appends ``paused`` and sleeps until the process is killed (or its parent,
+    the test, is gone: then it exits, so no run is left behind).
 
     At the start of step N every checkpoint of steps 1..N is on disk: ``every_n_train_steps``
     ones are written at the end of their batch, epoch-end ones after validation.
@@ -30,6 +32,7 @@ class StepMarks(Callback):
 
     def __init__(self, path: str, pause_at: int | None = None):
         self.path, self.pause_at = Path(path), pause_at
+        self.parent = os.getppid()  # the test that started the run
 
     def _mark(self, text: str) -> None:
         with open(self.path, "a") as f:
@@ -39,8 +42,9 @@ class StepMarks(Callback):
         self._mark(str(trainer.global_step))
         if trainer.global_step == self.pause_at:
             self._mark(PAUSED)
-            while True:
-                time.sleep(60)
+            while os.getppid() == self.parent:  # until killed; a run whose test is gone ends itself
+                time.sleep(1)
+            os._exit(1)
 
 
 def marks(path: Path, pause_at: int | None = None) -> list[str]:

@@ -16,6 +16,8 @@ import torch
 from agree import atomic
 from agree.train import AtomicCheckpointIO, train
 
+from .conftest import SUBPROCESS_LIMIT
+
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
@@ -27,7 +29,7 @@ def spawn(code: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=ENV)
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 60) -> None:
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = SUBPROCESS_LIMIT) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert process.poll() is None and time.monotonic() < deadline, "the writer did not get going"
@@ -36,7 +38,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 60) -> None
 
 def sigkill(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=30) == -signal.SIGKILL
+    assert process.wait(timeout=SUBPROCESS_LIMIT) == -signal.SIGKILL
 
 
 def test_sigkill_during_write_jsonl_keeps_the_old_file(tmp_path):

@@ -13,6 +13,8 @@ import agree
 from agree.settings import config_loss_weights as loss_weights
 from agree.train import train
 
+from .conftest import SUBPROCESS_LIMIT
+
 EXPERIMENTS = sorted(p.stem for p in (Path(agree.__file__).parent / "conf" / "experiment").glob("*.yaml"))
 SMALL = [
     "data.synthetic.train_images=20",
@@ -70,7 +72,9 @@ def test_ddp_launch_two_cpu_processes(tmp_path):
         *SMALL,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val/rsum"] > 0
@@ -124,7 +128,9 @@ def test_a_fine_tuned_preset_without_its_checkpoint_is_one_line(tmp_path):
         "+experiment=scenes_finetuned",
         f"hydra.run.dir={tmp_path}",
     ]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT
+    )
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("config error: ckpt_path is not set") and "last.ckpt" in line

@@ -14,6 +14,8 @@ from agree.errors import ConfigError
 from agree.evaluate import evaluate
 from agree.train import train
 
+from .conftest import SUBPROCESS_LIMIT
+
 
 def config(name, *overrides):
     with initialize_config_module("agree.conf", version_base="1.3"):
@@ -135,7 +137,9 @@ def test_command_line_prints_one_line_and_writes_nothing(tmp_path):
         f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=SUBPROCESS_LIMIT
+    )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("config error: losses.clip=-1")
     assert "Traceback" not in done.stderr

@@ -15,6 +15,7 @@ from agree.schema import EvaluateConfig, TrainConfig
 from agree.settings import train_settings, typed
 from agree.train import train
 
+from .conftest import SUBPROCESS_LIMIT
 from .test_config_errors import config, fails
 
 CONF = Path(__file__).resolve().parents[1] / "agree" / "conf"
@@ -162,7 +163,7 @@ def test_the_command_line_prints_one_line(tmp_path, argv, key):
         env=ENV,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=SUBPROCESS_LIMIT,
     )
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"config error: {key}"), done.stderr

@@ -26,6 +26,7 @@ from agree.prepare.images import load_image
 from agree.runlock import LOCK
 from agree.train import train
 
+from .conftest import SUBPROCESS_LIMIT
 from .test_prepare_steps import flickr_raw
 from .test_progress_and_wandb import SCENES
 
@@ -131,7 +132,7 @@ def test_make_clean_removes_only_what_the_demo_and_the_generator_made(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=SUBPROCESS_LIMIT,
     )
     assert done.returncode == 0, done.stderr
     assert files(tmp_path) == kept

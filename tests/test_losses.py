@@ -84,6 +84,41 @@ def test_slot_loss_is_mean_over_used_slots_and_ignores_padding():
     )
 
 
+def test_slot_loss_of_local_rows_against_gathered_slots_and_their_keys():
+    """Rank r's prompt loss over its rows against every rank's slots, times its share, averages over
+    ranks to the global loss; a slot sharing a key with the query's own is not its negative."""
+    torch.manual_seed(2)
+    image = F.normalize(torch.randn(6, 4), dim=-1)
+    slots = F.normalize(torch.randn(6, 2, 4), dim=-1)
+    valid = torch.tensor([[1, 1], [1, 0], [1, 1], [0, 0], [1, 1], [1, 0]], dtype=torch.bool)
+    keys = torch.tensor([[0, 5], [1, 6], [0, 7], [2, 8], [3, 7], [1, 9]])[..., None]  # [N, E, 1]
+    scale = torch.tensor(6.0)
+    whole = losses.slot_contrastive_loss(image, slots, scale, valid, keys_all=keys)
+    expected = [
+        info_nce_by_hand(
+            image, slots[:, j], 6.0, valid[:, j].tolist(), lambda i, k, j=j: keys[i, j] == keys[k, j]
+        )
+        for j in (0, 1)
+    ]
+    assert whole.item() == pytest.approx(sum(expected) / 2, rel=1e-5)
+    assert whole.item() != pytest.approx(
+        losses.slot_contrastive_loss(image, slots, scale, valid).item(), rel=1e-3
+    )
+    ranks = [
+        losses.slot_contrastive_loss(image[r : r + 3], slots[r : r + 3], scale, valid, image, slots, r, keys)
+        for r in (0, 3)
+    ]
+    assert (sum(ranks) / 2).item() == pytest.approx(whole.item(), rel=1e-5)
+
+
+def test_slot_loss_without_any_used_slot_gives_zero_with_graph():
+    image = torch.randn(2, 3, requires_grad=True)
+    slots = torch.randn(2, 2, 3, requires_grad=True)
+    got = losses.slot_contrastive_loss(image, slots, torch.tensor(1.0), torch.zeros(2, 2, dtype=torch.bool))
+    got.backward()
+    assert got.item() == 0 and image.grad is not None and slots.grad is not None
+
+
 def test_no_valid_rows_gives_zero_with_graph():
     a = torch.randn(2, 3, requires_grad=True)
     got = losses.contrastive_loss(a, a, torch.tensor(1.0), valid_all=torch.tensor([False, False]))
@@ -137,3 +172,25 @@ def test_margin_ranking_has_gradients(which):
     losses.margin_ranking_loss(pos, neg, torch.tensor(10.0)).backward()
     grad = (pos if which == "positive" else neg).grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_losses_on_a_gpu_equal_the_cpu_values():
+    """Every tensor a loss makes is on its inputs' device (on CPU, ``device=`` cannot be told apart)."""
+    torch.manual_seed(3)
+    a, b = F.normalize(torch.randn(4, 3), dim=-1), F.normalize(torch.randn(4, 3), dim=-1)
+    slots = F.normalize(torch.randn(4, 2, 3), dim=-1)
+    keys, valid = torch.tensor([[1], [2], [1], [3]]), torch.rand(4, 2) < 0.7
+
+    def values(device: str) -> list[float]:
+        a_, b_, slots_, keys_, valid_, scale = (
+            x.to(device) for x in (a, b, slots, keys, valid, torch.tensor(5.0))
+        )
+        return [
+            losses.contrastive_loss(a_, b_, scale, keys_all=keys_).item(),
+            losses.contrastive_loss(a_, b_, scale).item(),
+            losses.slot_contrastive_loss(a_, slots_, scale, valid_).item(),
+            losses.margin_ranking_loss(a_[:, 0], b_[:, 0], scale).item(),
+        ]
+
+    assert values("cuda") == pytest.approx(values("cpu"), rel=1e-5)

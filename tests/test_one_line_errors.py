@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from .conftest import SUBPROCESS_LIMIT
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "CI": "true"}
 
 
@@ -17,7 +19,7 @@ def run(tmp_path, *argv: str, **env: str) -> subprocess.CompletedProcess:
         env={**ENV, **env},
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=SUBPROCESS_LIMIT,
     )
 
 
