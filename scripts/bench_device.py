@@ -4,14 +4,15 @@
 
 One run on whatever device is present (CUDA when available, else CPU):
 (a) ceiling: the AGREE training step (all six losses) and the CLIP step on one batch already in
-    device memory;
+    device memory, with the training optimizer (``AgreeModule.optimizer``: AdamW, fused on CUDA);
 (b) the same steps fed by AgreeDataModule from release-format npz files at the model's
-    resolution, with ``--workers`` loader workers (the efficiency ratio (b)/(a));
+    resolution, with ``--workers`` loader workers: the ratio fed/ceiling of their times;
 (c) feature extraction of the test images and captions through ``agree.evaluate``'s code path
-    against a pure forward loop over tensors already on the device (the ratio pure/(c)), both
-    warmed up, model and tokenizer created outside the timing (their time printed apart);
-(d) peak memory of the AGREE step per batch size, each in a fresh process (CUDA: allocated device
-    memory; CPU: the process's peak RSS during the steps, model and batch included);
+    against a pure forward loop over tensors already on the device: the ratio path/pure of their
+    times, both warmed up; creating the model and the tokenizer and moving the model to the device
+    are timed apart (a fixed cost, not the extraction's throughput);
+(d) peak memory of the AGREE step per batch size, each in a fresh process with the training
+    optimizer (CUDA: allocated device memory; CPU: the process's peak RSS during the steps);
 (e) achieved FLOP/s of (a) and (b), FLOPs counted with torch's FlopCounterMode over the real step
     (the counter open_clip's model profiler uses).
 On CPU: the tiny model at 64 px in float32. On a GPU: ViT-B/32 and ViT-L/14 with random weights at
@@ -49,7 +50,7 @@ from agree.data.records import read_test_images, read_test_texts  # noqa: E402
 from agree.model import clip as clip_module  # noqa: E402
 from agree.model import tokenizer as tokenizer_module  # noqa: E402
 from agree.model.clip import create_clip, encode_image, encode_text  # noqa: E402
-from agree.model.module import agree_losses  # noqa: E402
+from agree.model.module import AgreeModule, agree_losses  # noqa: E402
 from agree.model.registry import inputs_for  # noqa: E402
 from agree.model.tokenizer import get_tokenizer  # noqa: E402
 from agree.retrieval import extraction  # noqa: E402
@@ -69,24 +70,31 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def config(name: str, group: str, size: int, batch: int, root: Path, device: torch.device):
-    """The evaluation config of the benchmark (its data section also describes the training data)."""
+def config(name: str, group: str, size: int, train_images: int, batch: int, root: Path, device: torch.device):
+    """The evaluation config of the benchmark (its data section also describes the training data),
+    extracting in batches of ``batch``."""
     overrides = [
         f"model={group}",
         f"model.name={name}",
         "model.pretrained=null",
         f"model.image_size={size}",
         f"data.root={root}",
-        f"data.synthetic.train_images={batch * 4}",
+        f"data.synthetic.train_images={train_images}",
         "data.synthetic.val_images=8",
         f"data.synthetic.test_images={200 if device.type == 'cpu' else 1000}",
         "data.synthetic.vg_images_per_word=2",
-        f"batch_size={batch * 2}",
+        f"batch_size={batch}",
         f"device={device.type}",
         f"output_dir={root}/eval",
     ]
     with initialize_config_module("agree.conf", version_base="1.3"):
         return compose("evaluate", overrides)
+
+
+def trained_model(name: str, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """(open_clip model on ``device``, the optimizer ``agree.train`` gives it), random weights."""
+    module = AgreeModule(name, None, WEIGHTS["agree"]).to(device)
+    return module.model, module.optimizer()
 
 
 def training_step(model, optimizer, weights: dict[str, float], device: torch.device):
@@ -120,8 +128,7 @@ def step_flops(step, batch: dict) -> int:
 
 
 def bench_training(layout, cfg, device, steps: int, workers: int, batch: int) -> dict:
-    model = create_clip(cfg.model.name).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+    model, optimizer = trained_model(cfg.model.name, device)
     out = {}
     for label, weights in WEIGHTS.items():
         tokenizer = get_tokenizer(cfg.model.name)
@@ -140,20 +147,25 @@ def bench_training(layout, cfg, device, steps: int, workers: int, batch: int) ->
 
 
 class Timed:
-    """Wraps ``module.name`` for the duration of a ``with``: the seconds its calls took."""
+    """Wraps ``module.name`` for the duration of a ``with``: the seconds its calls took; ``then``,
+    applied to each result, is timed apart (``then_seconds``)."""
 
-    def __init__(self, module, name: str):
-        self.module, self.name, self.seconds = module, name, 0.0
+    def __init__(self, module, name: str, then=None):
+        self.module, self.name, self.then = module, name, then
+        self.seconds = self.then_seconds = 0.0
 
     def __enter__(self):
         self.original = getattr(self.module, self.name)
 
         def timed(*args, **kwargs):
             start = time.perf_counter()
-            try:
-                return self.original(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
+            result = self.original(*args, **kwargs)
+            middle = time.perf_counter()
+            if self.then is not None:
+                result = self.then(result)
+            self.seconds += middle - start
+            self.then_seconds += time.perf_counter() - middle
+            return result
 
         setattr(self.module, self.name, timed)
         return self
@@ -166,8 +178,9 @@ def bench_extraction(layout, cfg, device, repeats: int = 2) -> dict:
     """Best of ``repeats`` runs of each side, alternated after one untimed run of each (the first
     forward of a shape pays one-time costs: oneDNN primitives on CPU, kernels on CUDA).
 
-    evaluate's path is timed without creating the model and the tokenizer (a fixed cost, not the
-    extraction's throughput; timed apart as ``setup``): the pure loop starts from a created model too.
+    evaluate's path is timed without creating the model and the tokenizer and without moving the
+    model to the device (fixed costs, not the extraction's throughput; timed apart): the pure loop
+    starts from a model on the device too.
     """
     texts, images = read_test_texts(layout.test_texts), read_test_images(layout.test_images)
     model = create_clip(cfg.model.name).to(device).eval()
@@ -175,14 +188,22 @@ def bench_extraction(layout, cfg, device, repeats: int = 2) -> dict:
     pixels = torch.randn(len(images), 3, size, size, device=device)
     tokens = get_tokenizer(cfg.model.name)([t.text for t in texts]).to(device)
 
-    def path() -> tuple[float, float]:
+    def on_device(created: torch.nn.Module) -> torch.nn.Module:
+        created = created.to(device)
+        sync(device)
+        return created
+
+    def path() -> tuple[float, float, float]:
         sync(device)
         start = time.perf_counter()
-        with Timed(clip_module, "create_clip") as made, Timed(tokenizer_module, "get_tokenizer") as tokenizer:
+        with (
+            Timed(clip_module, "create_clip", then=on_device) as made,
+            Timed(tokenizer_module, "get_tokenizer") as tokenizer,
+        ):
             extraction.model_features(cfg, texts, images, None, layout, None, device)
         sync(device)
         setup = made.seconds + tokenizer.seconds
-        return time.perf_counter() - start - setup, setup
+        return time.perf_counter() - start - setup - made.then_seconds, setup, made.then_seconds
 
     def pure() -> float:
         sync(device)
@@ -197,8 +218,15 @@ def bench_extraction(layout, cfg, device, repeats: int = 2) -> dict:
 
     path(), pure()
     runs = [(path(), pure()) for _ in range(repeats)]
-    (best_path, setup), best_pure = min(r[0] for r in runs), min(r[1] for r in runs)
-    return {"path": best_path, "setup": setup, "pure": best_pure, "images": len(images), "texts": len(texts)}
+    (best_path, setup, transfer), best_pure = min(r[0] for r in runs), min(r[1] for r in runs)
+    return {
+        "path": best_path,
+        "setup": setup,
+        "transfer": transfer,
+        "pure": best_pure,
+        "images": len(images),
+        "texts": len(texts),
+    }
 
 
 def peak_memory_child(name: str, size: int, batch: int, root: str) -> None:
@@ -208,8 +236,8 @@ def peak_memory_child(name: str, size: int, batch: int, root: str) -> None:
     layout = ReleaseLayout(Path(root), Path(root) / "VG", size)
     dm = AgreeDataModule(layout, get_tokenizer(name), batch_size=batch, needs=inputs_for(WEIGHTS["agree"]))
     dm.setup()
-    model = create_clip(name).to(device)
-    step = training_step(model, torch.optim.AdamW(model.parameters()), WEIGHTS["agree"], device)
+    model, optimizer = trained_model(name, device)
+    step = training_step(model, optimizer, WEIGHTS["agree"], device)
     resident = move_data_to_device(next(iter(dm.train_dataloader())), device)
     reset_peak_rss()
     try:
@@ -255,8 +283,9 @@ def peak_memory(name: str, size: int, batch_sizes, root: Path) -> str:
     return ", ".join(cells)
 
 
-def report(name: str, device, train: dict, extraction: dict, memory: str) -> None:
-    print(f"{name} on {device_name(device)}")
+def report(name: str, device, train: dict, extraction: dict, memory: str, seconds: float) -> None:
+    """The figures of one model; the ratios are of times (1.00: no loss against the ceiling)."""
+    print(f"{name} on {device_name(device)}{' (bf16 autocast)' if device.type == 'cuda' else ''}")
     for label, r in train.items():
         images = (4 if label == "agree" else 1) * r["samples"]  # an AGREE sample encodes 4 images
         tflops = {k: r["flops"] / r[k] / 1e12 for k in ("ceiling", "fed")}
@@ -264,15 +293,18 @@ def report(name: str, device, train: dict, extraction: dict, memory: str) -> Non
             f"  {label:<5} step, batch {r['samples']}: ceiling {r['ceiling'] * 1e3:7.1f} ms "
             f"({r['samples'] / r['ceiling']:7.1f} samples/s, {images / r['ceiling']:7.1f} images/s, "
             f"{tflops['ceiling']:.3f} TFLOP/s); DataModule-fed {r['fed'] * 1e3:7.1f} ms "
-            f"({tflops['fed']:.3f} TFLOP/s) -> fed/ceiling {r['ceiling'] / r['fed']:.0%}"
+            f"({r['samples'] / r['fed']:7.1f} samples/s, {tflops['fed']:.3f} TFLOP/s) "
+            f"-> fed/ceiling {r['fed'] / r['ceiling']:.2f}"
         )
     e = extraction
     print(
-        f"  extraction of {e['images']} images + {e['texts']} captions: evaluate's path {e['path']:.2f} s "
-        f"(+ {e['setup']:.2f} s creating the model and tokenizer), pure forward loop {e['pure']:.2f} s "
-        f"-> pure/path {e['pure'] / e['path']:.0%} ({e['images'] / e['path']:.0f} images/s with captions)"
+        f"  extraction of {e['images']} images + {e['texts']} captions: evaluate's path {e['path']:.2f} s, "
+        f"pure forward loop {e['pure']:.2f} s -> path/pure {e['path'] / e['pure']:.2f} "
+        f"({e['images'] / e['path']:.0f} images/s with their captions); apart: creating the model and "
+        f"tokenizer {e['setup']:.2f} s, moving the model to the device {e['transfer']:.2f} s"
     )
     print(f"  peak memory of the AGREE step: {memory}")
+    print(f"  ({seconds:.0f} s for this model)")
 
 
 def device_name(device: torch.device) -> str:
@@ -299,19 +331,23 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     allow_tf32(True)
     table = GPU_MODELS if device.type == "cuda" else CPU_MODELS
+    models = {name: table.get(name, ("tiny", 224, 32, (8, 16, 32))) for name in args.models or list(table)}
+    # one generated dataset per image size, its training split holding the largest batch of any model
+    largest: dict[int, int] = {}
+    for _, size, batch, batch_sizes in models.values():
+        largest[size] = max(largest.get(size, 0), batch, *(args.batch_sizes or batch_sizes))
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models or list(table):
-            group, size, batch, batch_sizes = table.get(name, ("tiny", 224, 32, (8, 16, 32)))
-            root = Path(tmp) / name
+        for name, (group, size, batch, batch_sizes) in models.items():
+            start = time.perf_counter()
+            root = Path(tmp) / f"scenes-{size}"
             batch_sizes = args.batch_sizes or batch_sizes
-            # the training split holds the largest batch of (d) too
-            cfg = config(name, group, size, max(batch, *batch_sizes), root, device)
+            cfg = config(name, group, size, 4 * largest[size], 2 * max(batch, *batch_sizes), root, device)
             layout = ensure_data(cfg.data)
             workers = cfg.data.num_workers if args.workers is None else args.workers
             train = bench_training(layout, cfg, device, args.steps, workers, batch)
             extraction = bench_extraction(layout, cfg, device)
             memory = peak_memory(name, size, batch_sizes, root)
-            report(name, device, train, extraction, memory)
+            report(name, device, train, extraction, memory, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import open_clip
 import pytest
 import torch
 
+from agree.data.datasets import token_lengths
 from agree.model import clip
 from agree.model.clip import ModelLoadError
 from agree.model.tokenizer import get_tokenizer
@@ -85,3 +86,16 @@ def test_short_text_encoding_matches_full_length(tiny):
         short = clip.encode_text(tiny, tokens)
         full = tiny.encode_text(tokens, normalize=True)
     assert torch.allclose(short, full, atol=1e-5)
+
+
+def test_length_groups_planned_on_the_host_match_full_length(tiny):
+    """65 texts of many lengths: two length groups, the last one of one text joined to the first;
+    the collate's host lengths and the lengths read from the tokens give open_clip's features."""
+    words = "a red circle left of a blue square above the green cross".split()
+    texts = [" ".join(words[: 1 + i % len(words)]) for i in range(65)]
+    tokens = get_tokenizer("agree-tiny")(texts)
+    with torch.no_grad():
+        full = tiny.encode_text(tokens, normalize=True)
+        for lengths in (None, token_lengths(tokens)):
+            assert torch.allclose(clip.encode_text(tiny, tokens, lengths), full, atol=1e-5)
+    assert token_lengths(tokens) == tuple(int(n) for n in tokens.argmax(-1) + 1)  # after the end token

@@ -91,9 +91,10 @@ def contrastive_loss(
     if valid_all is None:
         valid_all = torch.ones(big_n, dtype=torch.bool, device=a.device)
     keys = None if keys_all is None else keys_all.reshape(1, big_n, -1)
-    return _info_nce(a[None], b[None], logit_scale, a_all[None], b_all[None], offset, valid_all[None], keys)[
-        0
-    ]
+    one_set = _info_nce(
+        a[None], b[None], logit_scale, a_all[None], b_all[None], offset, valid_all[None], keys
+    )
+    return one_set[0]
 
 
 def slot_contrastive_loss(
