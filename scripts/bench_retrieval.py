@@ -111,6 +111,8 @@ def section_a() -> None:
         k = 20 if "egr" in stages else 10
         timings[name] = best_of(lambda: rank_stages(texts, images, stages, k, entities))  # noqa: B023
         print(f"    rerank={name:<8} {timings[name]:.3f} s")
+    release = best_of(lambda: rank_stages(texts, images, ["egr"], 20, entities, accumulate="float64"), 2)
+    print(f"    rerank=egr with the release's arithmetic (rerank.accumulate=float64): {release:.1f} s")
     loops = loop_seconds(texts, images, entities)
     loop_total = loops["egr"] + loops["tbr"]
     print(

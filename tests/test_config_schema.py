@@ -72,6 +72,8 @@ def evaluate_config(tmp_path, *overrides):
         ("+trainer.extra.max_epochs=3", ["trainer.extra.max_epochs", "set trainer.max_epochs instead"]),
         ("optim.betas=[0.9]", ["optim.betas=[0.9]", "two numbers"]),
         ("+trainer.limit_train_batches=-1", ["trainer.limit_train_batches=-1"]),
+        ("loss_options.ddp_gradient=mean", ["loss_options.ddp_gradient=mean", "['global', 'per_rank_mean']"]),
+        ("optim.max_logit_scale=0", ["optim.max_logit_scale=0", "must be > 0"]),
     ],
 )
 def test_bad_training_value_is_named_before_any_work(tmp_path, no_model, override, fragments):
@@ -104,6 +106,11 @@ def test_a_gpu_trainer_on_a_machine_without_one(tmp_path, no_model, monkeypatch)
         (["rerank.k=ten"], ["rerank.k=ten", "could not be converted to Integer"]),
         (["+foo=1"], ["foo is not a setting"]),
         (["model.image_size=32"], ["model.image_size=32"]),
+        (["features.precision=fp16"], ["features.precision=fp16", "choose one of ['fp32', 'bf16']"]),
+        (["features.masked_text_source=segs"], ["features.masked_text_source=segs", "'text_segs'"]),
+        (["features.caption_entities=by_row"], ["features.caption_entities=by_row", "'by_position'"]),
+        (["features.gallery_order=npz"], ["features.gallery_order=npz", "'files'"]),
+        (["rerank.accumulate=float16"], ["rerank.accumulate=float16", "['float32', 'float64']"]),
     ],
 )
 def test_bad_evaluation_value_is_named_before_any_work(tmp_path, no_model, monkeypatch, overrides, fragments):

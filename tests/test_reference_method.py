@@ -1,9 +1,10 @@
-"""``method=reference`` against the release, one test per row of the README's table.
+"""``method=reference`` against the release, one test per row of docs/reference-mode.md's table.
 
 Each test runs our code under both methods (composed from the real configs) on the same small
 inputs and compares with a transcription of the release's code written here (EasyNLP
 examples/agree: training/data.py, training/train_all.py, training/main_all.py, eval/data.py,
-eval/make_topk_predictions_mask+prompt.py, eval/evaluation.py, clip/clip.py).
+eval/extract_features_zs_mask+prompt.py, eval/make_topk_predictions_mask+prompt.py,
+eval/evaluation.py, clip/clip.py).
 """
 
 import dataclasses

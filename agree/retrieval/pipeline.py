@@ -42,10 +42,10 @@ class RankInputs:
     texts: torch.Tensor  # [T, D]
     images: torch.Tensor  # [I, D]
     entities: EntityFeatures | None = None  # each caption's, as a text->image query
-    caption_entities: EntityFeatures | None = (
-        None  # each caption's as an image->text candidate (None: entities)
-    )
-    text_order: torch.Tensor | None = None  # the order candidates are listed in (None: the rows' order)
+    # each caption's as an image->text candidate (None: entities)
+    caption_entities: EntityFeatures | None = None
+    # the orders the candidates are listed in (permutations of the rows; None: the rows' order)
+    text_order: torch.Tensor | None = None
     image_order: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> RankInputs:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from agree.progress import progress  # a bar on a terminal only
-from agree.retrieval.search import topk_similarity
+from agree.retrieval.search import _decode_keys, _pack, topk_similarity
 
 # TBR gathers [chunk, k, kb] backward entries: at most 4M elements (about 70 MB with the masks).
 _TBR_ELEMENTS = 1 << 22
@@ -337,19 +337,20 @@ def _release_i2t(raw_weight: float, prompt_weight: float, base_weight: float, ma
 
 
 def _row_products(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """rows [c, 1, D] times columns [c, n, D]: [c, n] float32, one [1, D] x [D, n] product per row."""
-    return torch.bmm(rows, columns.transpose(1, 2)).squeeze(1)
+    """rows [c, 1, D] times columns [c, n, D]: [c, n] float32, one [1, D] x [D, n] product per row
+    (the release's shape and layout; a batched product takes about three times as long on a CPU)."""
+    return torch.cat([row @ cols.T for row, cols in zip(rows, columns, strict=True)])
 
 
 def _release_search(
     queries: torch.Tensor, gallery: torch.Tensor, depth: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``depth`` (float32 scores, indices) of each of a few queries: the gallery times the query
-    vector (a matrix-vector product, rounded as the release's one-query products), stably sorted
-    descending (ties in gallery order, as Python's ``sorted``)."""
+    vector (a matrix-vector product, rounded as the release's one-query products), best first, ties
+    in gallery order as Python's stable ``sorted`` (the search's packed keys: score, then index)."""
     scores = torch.stack([gallery @ q for q in queries])
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :depth]
-    return scores.gather(1, order), order
+    keys = _pack(scores, torch.arange(scores.shape[1], device=scores.device).expand_as(scores))
+    return _decode_keys(keys.topk(depth, dim=1).values)
 
 
 def _release_egr(
