@@ -14,8 +14,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from agree.data.layout import ReleaseLayout, resolve_path
 from agree.data.synthetic import SceneConfig, ensure_generated
+from agree.model.embedded import embedded_weights
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+OmegaConf.register_new_resolver("agree_weights", embedded_weights, replace=True)  # model=scenes_pretrained
 
 
 def resolve_model(cfg: DictConfig) -> None:

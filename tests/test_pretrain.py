@@ -2,6 +2,8 @@
 
 import random
 import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,13 +15,14 @@ from hydra import compose, initialize_config_module
 from agree.data import alt_text, synthetic
 from agree.data.pixels import normalise
 from agree.data.synthetic import COLORS, SHAPES, SceneConfig, neglect_captions, render
-from agree.model.clip import WEIGHTS_DIR, create_clip, encode_image, encode_text
+from agree.model.clip import create_clip, encode_image, encode_text
+from agree.model.embedded import WEIGHTS_DIR
 from agree.model.tokenizer import get_tokenizer
 from agree.pretrain import PretrainConfig, pretrain, save_weights, sha256
 from agree.study import MODELS
 
 SMALL = PretrainConfig(steps=3, batch_size=8, warmup_steps=1)
-README = Path(__file__).resolve().parents[1] / "README.md"
+DEMO_PAGE = Path(__file__).resolve().parents[1] / "docs" / "demo.md"
 
 
 def test_captions_name_objects_without_binding_or_relations():
@@ -76,7 +79,24 @@ def test_shipped_weights_match_their_recorded_sha256():
     assert set(recorded) == shipped == {f"{name}.safetensors" for name in MODELS.values()}
     for name in shipped:
         assert sha256(WEIGHTS_DIR / name) == recorded[name], name
-        assert recorded[name] in README.read_text(), "the README states the SHA-256 too"
+        assert recorded[name] in DEMO_PAGE.read_text(), "docs/demo.md states the SHA-256 too"
+
+
+def test_the_shipped_weights_resolve_in_a_command_that_has_not_imported_open_clip():
+    """``${agree_weights:NAME}`` resolves wherever a command's config is read: ``agree.evaluate``
+    resolves ``model.pretrained`` before anything imports open_clip."""
+    code = (
+        "import sys, agree.evaluate\n"
+        "from hydra import compose, initialize_config_module\n"
+        "from omegaconf import OmegaConf\n"
+        "assert 'agree.model.clip' not in sys.modules\n"
+        "with initialize_config_module('agree.conf', version_base='1.3'):\n"
+        "    cfg = compose('evaluate', ['model=scenes_pretrained'])\n"
+        "print(OmegaConf.to_container(cfg.model, resolve=True)['pretrained'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == WEIGHTS_DIR / "scenes_pretrained.safetensors"
 
 
 @pytest.mark.parametrize("name", MODELS.values())

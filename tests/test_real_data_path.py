@@ -258,8 +258,9 @@ def test_tbr_on_the_egr_lists_is_egr_tbr_in_results_predictions_console_and_repo
     assert list(stage_results(json.loads((out / "results.json").read_text()))) == ["raw", "egr", "egr_tbr"]
     assert (out / "predictions" / "egr_tbr_text_to_image.jsonl").is_file()
     assert (out / "evaluation" / "egr_tbr_image_to_text.json").is_file()
-    stages = [line.split()[0] for line in format_table(results).splitlines()[1:]]
-    assert stages == ["raw", "raw", "egr", "egr", "egr_tbr", "egr_tbr"]
+    *recall_rows, probe_row = format_table(results).splitlines()[1:]
+    assert [line.split()[0] for line in recall_rows] == ["raw", "raw", "egr", "egr", "egr_tbr", "egr_tbr"]
+    assert probe_row.startswith("binding probe: swap accuracy"), probe_row
     page = write_report(out, queries=1).read_text()
     assert page.count("<tr><td>EGR + TBR</td>") == 2
 

@@ -14,22 +14,12 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from agree.console import weights_loaded_after
 from agree.errors import ConfigError, one_line
 
 open_clip.add_model_config(Path(__file__).parent / "configs")  # the tiny CPU config ("agree-tiny")
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-
-
-def embedded_weights(name: str) -> str:
-    """Path of a weights file shipped with the package; configs write ``${agree_weights:NAME}``."""
-    return str(WEIGHTS_DIR / f"{name}.safetensors")
-
-
-OmegaConf.register_new_resolver("agree_weights", embedded_weights, replace=True)
 
 CHECKPOINT_KEY = "agree_model_name"
 DATA_KEY = "agree_data"  # the training data: kind, root, prefix, image_size (agree.config.data_source)
