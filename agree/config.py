@@ -172,7 +172,12 @@ def torch_flags() -> Iterator[None]:
         torch.set_float32_matmul_precision(matmul)  # first: it also sets some of the flags
         for (space, name), value in zip(flags, saved, strict=True):
             setattr(space, name, value)
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        now = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
+        if now != (deterministic, warn_only):  # only when changed: the call imports torch's compiler stack
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         if workspace is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         else:

@@ -27,6 +27,7 @@ from agree.model.registry import inputs_for
 from agree.model.tokenizer import get_tokenizer
 from agree.runfolder import RECORD, HydraRun, data_roots, output_folders
 from agree.settings import TrainSettings, train_settings
+from agree.workers import die_with_parent
 
 LAST = Path("checkpoints") / "last.ckpt"  # in the run's output_dir
 # what a run writes into its output_dir: make clean may delete them in the demo's (agree.folders)
@@ -34,7 +35,6 @@ CONTENTS = (
     *("checkpoints/*", "csv/*", "tensorboard/*", "wandb/*", "metrics.json", WANDB_RUN_FILE),
     *(f"{RECORD}/*", "*.log"),  # the record and log of a run of agree.train itself
 )
-from agree.workers import die_with_parent
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

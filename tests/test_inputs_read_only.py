@@ -23,7 +23,6 @@ from agree.folders import MARKER, claim
 from agree.prepare import karpathy as karpathy_step
 from agree.prepare.__main__ import main as prepare
 from agree.prepare.images import load_image
-from agree.runlock import LOCK
 from agree.train import train
 
 from .conftest import SUBPROCESS_LIMIT

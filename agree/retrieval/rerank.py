@@ -6,6 +6,7 @@ Every function is vectorised over queries and processes them in chunks to bound 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -374,8 +375,8 @@ def _release_egr(
     """
     queries, gallery = queries.float(), gallery.float()
     depth, slots = min(depth, gallery.shape[0]), range(valid.shape[1])
-    out = []
-    for start in progress(range(0, queries.shape[0], _RELEASE_CHUNK), "EGR (release arithmetic)"):
+
+    def rank_chunk(start: int) -> torch.Tensor:
         chunk = slice(start, start + _RELEASE_CHUNK)
         raw, picked = _release_search(queries[chunk], gallery, depth)
         candidates = gallery[picked] if query_entities else None
@@ -388,7 +389,13 @@ def _release_egr(
             scores.append(torch.stack(products, dim=-1).double())
         slot_valid = valid[chunk, None] if query_entities else valid[picked]
         base, final = combine(raw.double(), *scores, slot_valid)
-        out.append(_rank_candidates(picked, [base, final], k))
+        return _rank_candidates(picked, [base, final], k)
+
+    # one chunk a thread: the one-row products are too small for torch's own threads, and they
+    # release the GIL (threads, not processes: nothing outlives the command)
+    starts = range(0, queries.shape[0], _RELEASE_CHUNK)
+    with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
+        out = list(progress(pool.map(rank_chunk, starts), "EGR (release arithmetic)", total=len(starts)))
     if not out:
         return torch.zeros(0, min(k, depth), dtype=torch.int64, device=queries.device)
     return torch.cat(out)

@@ -148,6 +148,8 @@ def check_seed(cfg: DictConfig, key: str = "seed") -> None:
     value = OmegaConf.select(cfg, key)
     low, high = SEEDS
     require(low <= value <= high, key, value, f"a seed is an integer from {low} to {high}")
+
+
 def prepare_model_keys(model: DictConfig) -> str:
     """``agree.prepare``'s model keys for ``model``: ``model=ViT-B-32-quickgelu pretrained=openai``."""
     import open_clip
