@@ -7,13 +7,15 @@ The release's zero-shot re-ranking (``run_flickr30k_zs_rerank.sh`` after feature
 ``eval/make_topk_predictions_mask+prompt.py`` with top-20 and batch 32, ``eval/eval_back_retrieval.py``,
 ``eval/evaluation.py`` for each direction) against ``python -m agree.evaluate method=reference
 rerank=egr_tbr`` on the same files: parse, exact search, EGR, TBR, predictions and recalls written.
-Ours runs twice: the first run parses the files and fills the cache of parsed files
-(``agree.data.feature_cache``, in a temporary ``cache_dir``), the second reads them from it. Each
-side runs as its own processes; the wall time of each and the ratios are printed, then the outputs
-are compared (the same EGR and TBR top-20 lists and the same recalls, and the second run's files
-equal to the first's), so the sides did equal work. Then hashing the four files (the cache's key)
-against the parse it saves, and 20 EGR settings as one sweep (``-m``, one process) against 20 single
-runs, with the cache filled.
+Ours runs three times: the first run parses the files and fills the cache of parsed files
+(``agree.data.feature_cache``, in a temporary ``cache_dir``), the second reads them from it, the
+third reads them and scores EGR in float32 (``rerank.accumulate=float32``, ``method=agree``'s
+arithmetic: near-tied candidates may swap). Each side runs as its own processes; the wall time of
+each and the ratios are printed, then the outputs are compared (the same EGR and TBR top-20 lists
+and the same recalls, but for swaps of near-tied candidates in the float32 run, and the second
+run's files equal to the first's), so the sides did equal work. Then hashing the four files (the
+cache's key) against the parse it saves, and 20 EGR settings under ``method=agree`` as one sweep
+(``-m``, one process) against 20 single runs, with the cache filled.
 
 The release's scripts are not shipped here: point ``--release-dir`` (or ``AGREE_RELEASE_DIR``) at
 ``examples/agree`` of an EasyNLP checkout; without it, only our side runs. They run unmodified; the
@@ -173,21 +175,27 @@ def evaluate_command(
     ]  # fmt: skip
 
 
-def our_side(p: dict[str, Path], cache: Path, out: Path) -> Seconds:
+def our_side(p: dict[str, Path], cache: Path, out: Path, *more: str) -> Seconds:
     """One ``python -m agree.evaluate`` process writing into ``out``; its time."""
-    return timed(evaluate_command(p, cache, f"output_dir={out}"), out.parent / "ours.log")
+    return timed(evaluate_command(p, cache, f"output_dir={out}", *more), out.parent / "ours.log")
 
 
 def sweep_and_single_runs(p: dict[str, Path], cache: Path, folder: Path) -> tuple[Seconds, Seconds]:
-    """Times of the 20 EGR settings of ``SWEEP`` as one multirun and as 20 processes."""
+    """Times of the 20 EGR settings of ``SWEEP`` as one multirun and as 20 processes, under
+    ``method=agree`` (the default a user sweeps with; EGR in float32)."""
     log = folder / "sweep.log"
-    sweep = timed(evaluate_command(p, cache, f"rerank.text_to_image.raw_weight={SWEEP}",
-                                   f"hydra.sweep.dir={folder / 'sweep'}", multirun=True), log)  # fmt: skip
+    settings = f"rerank.text_to_image.raw_weight={SWEEP}"
+    sweep_dir = f"hydra.sweep.dir={folder / 'sweep'}"
+    sweep = timed(evaluate_command(p, cache, settings, sweep_dir, multirun=True, method="agree"), log)
     single = sum(
         (
             timed(
                 evaluate_command(
-                    p, cache, f"rerank.text_to_image.raw_weight={w}", f"output_dir={folder / w}"
+                    p,
+                    cache,
+                    f"rerank.text_to_image.raw_weight={w}",
+                    f"output_dir={folder / w}",
+                    method="agree",
                 ),
                 log,
             )
@@ -333,8 +341,13 @@ def main() -> None:
         runs = {
             "first": our_side(paths, cache, tmp / "first"),
             "second": our_side(paths, cache, tmp / "second"),
+            "float32": our_side(paths, cache, tmp / "float32", "rerank.accumulate=float32"),
         }
-        for run, what in (("first", "parses, fills the cache"), ("second", "reads the cache")):
+        for run, what in (
+            ("first", "parses, fills the cache"),
+            ("second", "reads the cache"),
+            ("float32", "reads the cache, EGR in float32 as method=agree: rerank.accumulate=float32"),
+        ):
             faster = f": {ratio(theirs, runs[run])} faster" if theirs else ""
             print(f"    python -m agree.evaluate, {run} run ({what}): {runs[run]}{faster}")
         start = time.perf_counter()
@@ -359,6 +372,9 @@ def main() -> None:
         if release is not None:
             found, near_ties = compare(tmp / "release", tmp / "second")
             problems += found
+            found, float32_ties = compare(tmp / "release", tmp / "float32")
+            problems += [f"float32: {problem}" for problem in found]
+            print(f"    float32 EGR against the release: {float32_ties} swaps of near-tied candidates")
         if problems:
             raise SystemExit("the runs differ: " + "; ".join(problems))
         ties = f", but for {near_ties} swaps of near-tied candidates (< {NEAR_TIE:g})" if near_ties else ""
