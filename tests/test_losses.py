@@ -111,6 +111,17 @@ def test_slot_loss_of_local_rows_against_gathered_slots_and_their_keys():
     assert (sum(ranks) / 2).item() == pytest.approx(whole.item(), rel=1e-5)
 
 
+def test_slot_loss_with_one_used_slot_is_that_slots_loss():
+    """One used slot: the mean over used slots is that slot's InfoNCE, divided by 1."""
+    torch.manual_seed(3)
+    image = F.normalize(torch.randn(3, 4), dim=-1)
+    slots = F.normalize(torch.randn(3, 2, 4), dim=-1)
+    valid = torch.tensor([[True, False], [True, False], [False, False]])
+    got = losses.slot_contrastive_loss(image, slots, torch.tensor(5.0), valid)
+    expected = info_nce_by_hand(image, slots[:, 0], 5.0, valid[:, 0].tolist())
+    assert expected > 0 and got.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_slot_loss_without_any_used_slot_gives_zero_with_graph():
     image = torch.randn(2, 3, requires_grad=True)
     slots = torch.randn(2, 2, 3, requires_grad=True)
@@ -163,6 +174,10 @@ def test_margin_ranking_mean_divides_by_the_global_pairs():
     half = losses.margin_ranking_loss(pos, neg, scale, 0.5, valid, global_size=6, global_pairs=10)
     assert half.item() == pytest.approx(2 * summed.item() / 10, rel=1e-6)
     assert losses.margin_ranking_loss(pos, neg, scale, -9.0, valid, global_pairs=0).item() == 0
+    # one pair in the global batch: the mean is that pair's hinge
+    one = torch.tensor([[False, False], [False, False], [True, False]])
+    alone = losses.margin_ranking_loss(pos, neg, scale, 0.5, one, global_pairs=1)
+    assert alone.item() == pytest.approx((0.5 - 10.0 * (0.3 - 0.9)) / 10.0, rel=1e-5)  # 0.65
 
 
 @pytest.mark.parametrize("which", ["positive", "negative"])

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.retrieval import RetrievalHitRate
 
-from agree.retrieval.metrics import recall_at_k
+from agree.retrieval.metrics import positives_from_pairs, recall_at_k
 from agree.retrieval.recall_metric import RetrievalRecallMetric
 
 
@@ -75,3 +75,24 @@ def test_the_metric_reports_the_mean_of_its_three_recalls():
         assert results[f"{short}_mean_recall"] == pytest.approx(sum(recalls) / 3)
     six = [results[f"{s}_r{k}"] for s in ("t2i", "i2t") for k in (1, 5, 10)]
     assert results["rsum"] == pytest.approx(sum(six))
+
+
+def test_positives_from_pairs_pads_with_minus_one_in_pair_order():
+    """Pairs in any order: each query's items in the order the pairs came, padded with -1 to the
+    widest query; a query without pairs is all -1; no pairs at all gives one column of -1."""
+    queries = torch.tensor([2, 0, 2, 2, 0])
+    items = torch.tensor([7, 3, 5, 9, 1])
+    got = positives_from_pairs(queries, items, 4)
+    assert got.dtype == torch.long
+    assert got.tolist() == [[3, 1, -1], [-1, -1, -1], [7, 5, 9], [-1, -1, -1]]
+    empty = torch.zeros(0, dtype=torch.long)
+    assert positives_from_pairs(empty, empty, 2).tolist() == [[-1], [-1]]
+    # many ties: a stable sort keeps every query's items in pair order
+    queries = torch.arange(300) % 3
+    got = positives_from_pairs(queries, torch.arange(300), 3)
+    assert got.tolist() == [list(range(q, 300, 3)) for q in range(3)]
+
+
+def test_recall_of_a_single_query():
+    got = recall_at_k(torch.tensor([[4, 2, 0]]), torch.tensor([[2]]), ks=(1, 2))
+    assert got == {"r1": 0.0, "r2": 100.0, "mean_recall": 50.0}

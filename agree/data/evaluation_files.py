@@ -12,6 +12,7 @@ and evaluation JSON, and where the report finds the annotations and test images.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -115,8 +116,9 @@ def prediction_rows(id_key: str, query_ids: list[str], ranked_item_ids: list[lis
     when numeric.
     """
     as_key = str if id_key == "image_id" else json_id
+    as_item = functools.cache(json_id)  # each gallery id recurs in many lists: converted once
     return [
-        {id_key: as_key(q), "item_ids": [json_id(i) for i in items]}
+        {id_key: as_key(q), "item_ids": [as_item(i) for i in items]}
         for q, items in zip(query_ids, ranked_item_ids, strict=True)
     ]
 
