@@ -206,6 +206,7 @@ def test_losses_on_a_gpu_equal_the_cpu_values():
             losses.contrastive_loss(a_, b_, scale).item(),
             losses.slot_contrastive_loss(a_, slots_, scale, valid_).item(),
             losses.margin_ranking_loss(a_[:, 0], b_[:, 0], scale).item(),
+            losses.swap_negatives_loss(a_, b_, slots_[:, 0], valid_[:, 0], scale, keys_all=keys_).item(),
         ]
 
     assert values("cuda") == pytest.approx(values("cpu"), rel=1e-5)

@@ -87,6 +87,7 @@ def test_positives_from_pairs_pads_with_minus_one_in_pair_order():
     assert got.tolist() == [[3, 1, -1], [-1, -1, -1], [7, 5, 9], [-1, -1, -1]]
     empty = torch.zeros(0, dtype=torch.long)
     assert positives_from_pairs(empty, empty, 2).tolist() == [[-1], [-1]]
+    assert positives_from_pairs(empty, empty, 0).shape == (0, 1)
     # many ties: a stable sort keeps every query's items in pair order
     queries = torch.arange(300) % 3
     got = positives_from_pairs(queries, torch.arange(300), 3)

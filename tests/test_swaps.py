@@ -156,6 +156,14 @@ def test_loss_equals_its_transcription():
     assert near > plain > losses.swap_negatives_loss(image, captions, -image, has_swap, scale)
 
 
+def test_one_image_with_a_swap_is_the_loss_of_that_image():
+    """The mean over the images with a swap divides by their count, here 1."""
+    image, captions, swaps = features(4, seed=3)
+    has_swap = torch.tensor([False, False, True, False])
+    got = losses.swap_negatives_loss(image, captions, swaps, has_swap, torch.tensor(6.0))
+    assert got.item() == pytest.approx(swap_loss_by_hand(image, captions, swaps, has_swap, 6.0), rel=1e-5)
+
+
 def test_rank_shares_average_to_the_global_loss():
     image, captions, swaps = features(6, seed=1)
     has_swap = torch.tensor([True, False, False, True, True, True])
