@@ -104,11 +104,14 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Non
         tmp.write_text(json.dumps(obj, indent=indent) + "\n")
 
 
+# one encoder for every line: json.dumps with an option builds a new one a call
+_LINE_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Write one JSON object a line, atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(_LINE_ENCODER.encode(row) + "\n" for row in rows)
 
 
 def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:

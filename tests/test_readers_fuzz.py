@@ -280,14 +280,19 @@ def valid_predictions(draw) -> Valid:
     """Lines as ``prediction_rows`` writes them, or with ``[id, score]`` items (the reference's)."""
     id_key = draw(st.sampled_from(["query_id", "image_id"]))
     queries = [canonical_id(k) for k in draw(unique_ids())]
-    ranked = [[canonical_id(i) for i in draw(unique_ids(0, 6))] for _ in queries]
-    rows = evaluation_files.prediction_rows(id_key, queries, ranked)
+    gallery = [canonical_id(i) for i in draw(unique_ids(0, 6))]
+    positions = st.lists(st.integers(0, len(gallery) - 1), unique=True) if gallery else st.just([])
+    ranked = [draw(positions) + [-1] * draw(st.integers(0, 2)) for _ in queries]  # -1: none, left out
+    rows = evaluation_files.prediction_rows(id_key, queries, gallery, ranked)
     if draw(st.booleans()):
         for row in rows:
             row["item_ids"] = [[item, draw(scores)] for item in row["item_ids"]]
     expected = (
         id_key,
-        [evaluation_files.Prediction(q, tuple(r)) for q, r in zip(queries, ranked, strict=True)],
+        [
+            evaluation_files.Prediction(q, tuple(gallery[i] for i in r if i >= 0))
+            for q, r in zip(queries, ranked, strict=True)
+        ],
     )
     return Valid(rows, expected, id_key)
 

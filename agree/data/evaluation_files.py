@@ -12,7 +12,6 @@ and evaluation JSON, and where the report finds the annotations and test images.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,25 +100,28 @@ def write_evaluation(
     items = {"text_to_image": ids["images"], "image_to_text": ids["texts"]}
     for stage, ranked in lists.items():
         for direction, rows in ranked.items():
-            listed = [[items[direction][i] for i in row if i >= 0] for row in rows.tolist()]
-            lines = prediction_rows(QUERY_ID_KEY[direction], queries[direction], listed)
+            lines = prediction_rows(
+                QUERY_ID_KEY[direction], queries[direction], items[direction], rows.tolist()
+            )
             write_jsonl(files.predictions(stage, direction), lines)
             write_json(files.evaluation(stage, direction), evaluation_json(results[stage][direction]))
     write_json(files.report_inputs, inputs)
     write_json(files.results, results)
 
 
-def prediction_rows(id_key: str, query_ids: list[str], ranked_item_ids: list[list[str]]) -> list[dict]:
+def prediction_rows(
+    id_key: str, query_ids: list[str], item_ids: list[str], ranked: list[list[int]]
+) -> list[dict]:
     """Prediction lines: ``{"query_id": 8, "item_ids": [...]}`` or ``{"image_id": "9", ...}``.
 
-    Query ids are integers and image ids strings, as in the release; listed items are integers
-    when numeric.
+    ``ranked``: per query, indices into ``item_ids`` best first (-1: none, left out). Query ids are
+    integers and image ids strings, as in the release; listed items are integers when numeric.
     """
     as_key = str if id_key == "image_id" else json_id
-    as_item = functools.cache(json_id)  # each gallery id recurs in many lists: converted once
+    items = [json_id(i) for i in item_ids]  # each gallery id recurs in many lists: converted once
     return [
-        {id_key: as_key(q), "item_ids": [as_item(i) for i in items]}
-        for q, items in zip(query_ids, ranked_item_ids, strict=True)
+        {id_key: as_key(q), "item_ids": [items[i] for i in row if i >= 0]}
+        for q, row in zip(query_ids, ranked, strict=True)
     ]
 
 
