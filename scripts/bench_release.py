@@ -9,7 +9,7 @@ The release's zero-shot re-ranking (``run_flickr30k_zs_rerank.sh`` after feature
 the same files: parse, exact search, EGR, TBR, predictions and recalls written. Ours runs as a
 user would: the first run parses the files and fills the cache of parsed files
 (``agree.data.feature_cache``, in a temporary ``cache_dir``); the second reads them from it (run
-3 times, the median printed: a 2-second process varies by a tenth of a second from run to run);
+3 times, the median printed: a 2-second process varies by tenths of a second from run to run);
 both under the default ``method=agree`` (EGR in float32: near-tied candidates may swap). Then one
 run with the cache filled under ``method=reference`` (the release's arithmetic: per-query float32
 products, float64 sums, so the same lists bit for bit). Each side runs as its own processes; the
