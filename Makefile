@@ -54,6 +54,7 @@ bench: install
 	$(PY) scripts/bench_device.py
 	$(PY) scripts/bench_retrieval.py --skip-large
 	$(PY) scripts/bench_release.py $(if $(RELEASE_DIR),--release-dir $(RELEASE_DIR))
+	$(PY) scripts/bench_evaluate_steps.py
 
 # Removes only the folders the demo and the data generator made (they carry a marker file), when
 # they hold nothing else (docs/reliability.md); training runs, evaluations and the user's data are kept.
