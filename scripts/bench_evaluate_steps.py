@@ -29,6 +29,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's agree, as bench_release's
 # bench_release (and the project's modules it loads) is imported by main() only: a timed process
 # imports nothing but torch before the evaluation's own imports
 DEPTH = 128  # EGR's candidates per query (rerank.depth)
