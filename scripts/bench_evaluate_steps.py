@@ -144,12 +144,13 @@ def main() -> None:
     from bench_release import DIM, FEATURES, SLOTS, evaluate_command, median, our_side, timed, write_inputs
 
     n_images = 1000 if args.full else 200
-    print(f"agree.evaluate's steps: {n_images:,} images x {5 * n_images:,} captions x {SLOTS}, {DIM}-d")
+    size = f"{n_images:,} images x {5 * n_images:,} captions x {SLOTS} entities, {DIM}-d"
+    print(f"agree.evaluate's steps: {size}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = write_inputs(tmp, n_images, 5 * n_images)
-        size = sum(paths[n].stat().st_size for n in FEATURES) / 1e9
-        print(f"    {size:.2f} GB of JSONL features; the cache filled by a first run")
+        gigabytes = sum(paths[n].stat().st_size for n in FEATURES) / 1e9
+        print(f"    {gigabytes:.2f} GB of JSONL features; the cache filled by a first run")
         our_side(paths, tmp / "cache", tmp / "first")
         whole = median(lambda: our_side(paths, tmp / "cache", tmp / "second"), args.runs)
         import_torch = [sys.executable, "-c", "import torch"]
